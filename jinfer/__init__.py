@@ -1,0 +1,16 @@
+"""jinfer: a JAX-first research inference framework for language models.
+
+Public API: `load_model`, `Model`, `SamplingParams`, `generate`, `generate_stream`, `Completion`.
+"""
+
+from jinfer.decoding.generate import Completion, StreamDelta, generate, generate_stream
+from jinfer.decoding.sampling import SamplingParams
+from jinfer.errors import (CheckpointError, ChecksumMismatchError, InvalidRequestError,
+                           JinferError, UnknownModelError, UnsupportedArchitectureError)
+from jinfer.model import Model, load_model
+
+__all__ = [
+    "load_model", "Model", "SamplingParams", "generate", "generate_stream", "Completion",
+    "StreamDelta", "JinferError", "CheckpointError", "ChecksumMismatchError",
+    "InvalidRequestError", "UnknownModelError", "UnsupportedArchitectureError",
+]

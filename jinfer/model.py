@@ -1,0 +1,75 @@
+"""`Model` (config + params + tokenizer) and `load_model`, the entry point for every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.errors import InvalidRequestError
+from jinfer.models import llama
+from jinfer.models.config import LlamaConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  config: LlamaConfig
+  params: dict[str, Any]
+  tokenizer: Any  # jinfer.tokenizers.Tokenizer
+
+  @property
+  def dtype(self):
+    return self.params["embed"].dtype
+
+  def logits(self, token_ids_BxT) -> jax.Array:
+    """Float32 logits [B, T, V] of a full forward pass over token ids (no cache)."""
+    tokens = jnp.asarray(token_ids_BxT, jnp.int32)
+    if tokens.ndim != 2:
+      raise InvalidRequestError(f"token ids must have shape [batch, length], got {tokens.shape}.")
+    return _full_forward(self.params, tokens, config=self.config)
+
+  def save(self, path) -> None:
+    """Writes an Orbax checkpoint that `load_model(path)` restores without re-converting."""
+    from jinfer.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+    orbax_io.save(path, self.config, self.params, self.tokenizer)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _full_forward(params, tokens_BxT, *, config):
+  positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+  return llama.forward(params, config, tokens_BxT, positions)[0]
+
+
+def resolve_dtype(dtype) -> Any:
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+  return jnp.dtype(dtype)
+
+
+def cast_params(params, dtype) -> dict[str, Any]:
+  """Moves params to the default device in `dtype` (floating arrays only)."""
+  def cast(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    return jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
+  return jax.tree.map(cast, params)
+
+
+def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32") -> Model:
+  """Loads a registry name, a .gguf file, a Hugging Face directory or a jinfer Orbax checkpoint.
+
+  Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16').
+  """
+  from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
+  dtype = resolve_dtype(dtype)
+  kind, path = registry.resolve(name_or_path)
+  loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
+  config, params, tokenizer = loader(path)
+  return Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer)

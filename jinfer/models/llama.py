@@ -1,0 +1,157 @@
+"""Functional Llama-family decoder: `forward(params, tokens, positions, cache) -> (logits, cache)`.
+
+Parameters live in a plain pytree (see `init_params` for the layout) and are never stored in
+modules. Letters in einsums: B batch, T new tokens, S cached positions, D model width, N query
+heads, K KV heads, G query heads per KV head, H head dim, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.cache.kv_cache import KVCache
+from jinfer.models.config import LlamaConfig, RopeScaling
+
+Params = dict[str, Any]
+_MASK_VALUE = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32 (as transformers does), returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+  """The per-pair RoPE frequencies [H/2], with linear or Llama-3 scaling applied."""
+  exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq.astype(np.float32)
+  if scaling.kind == "linear":
+    return (inv_freq / scaling.factor).astype(np.float32)
+  if scaling.kind == "llama3":
+    return _llama3_scaled(inv_freq, scaling).astype(np.float32)
+  raise ValueError(f"Unknown rope scaling kind {scaling.kind!r}; use 'linear' or 'llama3'.")
+
+
+def _llama3_scaled(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+  """Llama 3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = s.original_max_position / s.low_freq_factor
+  high_freq_wavelen = s.original_max_position / s.high_freq_factor
+  smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  ramp = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+  is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+  return np.where(is_medium, ramp, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Half-rotation RoPE (Hugging Face layout): pairs are (i, i + H/2)."""
+  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxTxNxH.dtype)
+
+
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_positions_BxT, k_positions_BxS) -> jax.Array:
+  """Causal grouped-query attention by position: a query sees keys at positions <= its own."""
+  b, t, n, h = q_BxTxNxH.shape
+  kv_heads = k_BxSxKxH.shape[2]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  visible_BxTxS = k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
+  scores = jnp.where(visible_BxTxS[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+  return out.reshape(b, t, n, h)
+
+
+def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, inv_freq):
+  q = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, layer["wq"])
+  k = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, layer["wk"])
+  v = jnp.einsum("BTD,DKH->BTKH", x_BxTxD, layer["wv"])
+  if config.qkv_bias:
+    q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+  q = apply_rope(q, positions_BxT, inv_freq)
+  k = apply_rope(k, positions_BxT, inv_freq)
+  if cache is None:
+    out = attention(q, k, v, positions_BxT, positions_BxT)
+  else:
+    cache = cache.write(layer_index, k, v, positions_BxT)
+    k_all, v_all, k_positions_S = cache.keys_values(layer_index)
+    out = attention(q, k_all, v_all, positions_BxT, k_positions_S[None, :])
+  return jnp.einsum("BTNH,NHD->BTD", out, layer["wo"]), cache
+
+
+def _mlp_block(layer, x_BxTxD):
+  gate = jnp.einsum("BTD,DF->BTF", x_BxTxD, layer["w_gate"])
+  up = jnp.einsum("BTD,DF->BTF", x_BxTxD, layer["w_up"])
+  return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer["w_down"])
+
+
+def hidden_states(params: Params, config: LlamaConfig, tokens_BxT: jax.Array,
+                  positions_BxT: jax.Array, cache: Optional[KVCache] = None):
+  """Runs the decoder stack; returns the final-normed hidden states [B, T, D] and the cache."""
+  inv_freq = rope_inverse_frequencies(config)
+  x = params["embed"][tokens_BxT]
+  for i, layer in enumerate(params["layers"]):
+    attn_out, cache = _attention_block(
+        config, layer, rms_norm(x, layer["attn_norm"], config.norm_eps), positions_BxT, cache, i,
+        inv_freq)
+    x = x + attn_out
+    x = x + _mlp_block(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
+  return rms_norm(x, params["final_norm"], config.norm_eps), cache
+
+
+def logits_from_hidden(params: Params, config: LlamaConfig, h_BxTxD: jax.Array) -> jax.Array:
+  """Projects hidden states to float32 vocabulary logits [B, T, V]."""
+  if config.tie_embeddings:
+    return jnp.einsum("BTD,VD->BTV", h_BxTxD, params["embed"], preferred_element_type=jnp.float32)
+  return jnp.einsum("BTD,DV->BTV", h_BxTxD, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, config: LlamaConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+            cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+  """Logits [B, T, V] (float32) for `tokens` at `positions`, and the cache with their K/V written.
+
+  With `cache=None` the tokens attend only to each other (a full forward pass); with a cache they
+  are written at their positions first and attend to everything cached at earlier positions.
+  """
+  h, cache = hidden_states(params, config, tokens_BxT, positions_BxT, cache)
+  return logits_from_hidden(params, config, h), cache
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+  """Random parameters in jinfer's layout (used by tests and benchmarks of random configs)."""
+  d, n, k, h, f, v = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+                      config.d_ff, config.vocab_size)
+  shapes = {"wq": (d, n, h), "wk": (d, k, h), "wv": (d, k, h), "wo": (n, h, d),
+            "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+  if config.qkv_bias:
+    shapes.update(bq=(n, h), bk=(k, h), bv=(k, h))
+  keys = iter(jax.random.split(key, config.n_layers * len(shapes) + 2))
+  normal = lambda shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)
+  layers = []
+  for _ in range(config.n_layers):
+    layer = {name: normal(shape) for name, shape in shapes.items()}
+    layer["attn_norm"] = jnp.ones((d,), dtype)
+    layer["mlp_norm"] = jnp.ones((d,), dtype)
+    layers.append(layer)
+  params = {"embed": normal((v, d)), "final_norm": jnp.ones((d,), dtype), "layers": layers}
+  if not config.tie_embeddings:
+    params["lm_head"] = normal((d, v))
+  return params
