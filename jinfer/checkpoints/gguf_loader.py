@@ -35,8 +35,8 @@ def load_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, Params, "Tokenizer"
 
   reader = open_gguf(path)
   config = config_from_gguf(reader)
-  params = params_from_gguf(reader, config)
-  return config, params, Tokenizer.from_gguf_reader(reader)
+  tokenizer = Tokenizer.from_gguf_reader(reader)  # Before the slow part: fail fast.
+  return config, params_from_gguf(reader, config), tokenizer
 
 
 def load_gguf_params(path: str | os.PathLike) -> tuple[LlamaConfig, Params]:
@@ -55,6 +55,8 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         "'smollm2-135m-instruct' to download the default model.")
   try:
     return gguf.GGUFReader(path, "r")
+  except PermissionError as e:
+    raise CheckpointError(f"cannot read GGUF file '{path}' ({e}); fix its permissions.") from e
   except _READER_ERRORS as e:
     raise CheckpointError(
         f"GGUF file '{path}' is truncated or corrupt ({type(e).__name__}: {e}); "
@@ -72,13 +74,18 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None, required: boo
   return field.contents()
 
 
+def _f32(value: Any) -> float:
+  """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
+  return float(str(np.float32(value)))
+
+
 def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
   """Builds the architecture config from GGUF metadata."""
   arch = _field(reader, "general.architecture", required=True)
   if arch not in SUPPORTED_ARCHITECTURES:
     raise UnsupportedArchitectureError(
-        f"GGUF architecture '{arch}' is not supported; jinfer loads {list(SUPPORTED_ARCHITECTURES)}. "
-        "Use a model of one of those families.")
+        f"GGUF architecture '{arch}' is not supported; jinfer loads "
+        f"{list(SUPPORTED_ARCHITECTURES)}. Use a model of one of those families.")
   key = lambda name: f"{arch}.{name}"
   d_model = int(_field(reader, key("embedding_length"), required=True))
   n_heads = int(_field(reader, key("attention.head_count"), required=True))
@@ -93,8 +100,9 @@ def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
     raise UnsupportedArchitectureError(
         "GGUF has an attention output bias (blk.*.attn_output.bias); jinfer's Llama-family "
         "model has none. Use a model without an output-projection bias.")
-  rope_theta = float(_field(reader, key("rope.freq_base"), 10_000.0))
-  return LlamaConfig(
+  rope_theta = _f32(_field(reader, key("rope.freq_base"), 10_000.0))
+  return _make_config(
+      "GGUF metadata",
       vocab_size=_vocab_size(reader, arch),
       d_model=d_model,
       n_layers=int(_field(reader, key("block_count"), required=True)),
@@ -104,12 +112,19 @@ def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
       d_ff=int(_field(reader, key("feed_forward_length"), required=True)),
       rope_theta=rope_theta,
       rope_scaling=_rope_scaling(reader, arch, head_dim, rope_theta),
-      norm_eps=float(_field(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
+      norm_eps=_f32(_field(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
       tie_embeddings="output.weight" not in tensor_names,
       qkv_bias="blk.0.attn_q.bias" in tensor_names,
       max_seq_len=int(_field(reader, key("context_length"), 2048)),
       architecture=arch,
   )
+
+
+def _make_config(source: str, **fields: Any) -> LlamaConfig:
+  try:
+    return LlamaConfig(**fields)
+  except ValueError as e:  # LlamaConfig's own consistency checks.
+    raise CheckpointError(f"{source} describes an invalid model: {e}") from e
 
 
 def _vocab_size(reader: gguf.GGUFReader, arch: str) -> int:
@@ -130,7 +145,7 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str, head_dim: int,
                   theta: float) -> Optional[RopeScaling]:
   kind = _field(reader, f"{arch}.rope.scaling.type", "none")
   if kind == "linear":
-    return RopeScaling(kind="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor")))
+    return RopeScaling(kind="linear", factor=_f32(_field(reader, f"{arch}.rope.scaling.factor")))
   if kind not in ("none", ""):
     raise UnsupportedArchitectureError(
         f"GGUF rope scaling type '{kind}' is not supported; jinfer implements 'linear' and "
