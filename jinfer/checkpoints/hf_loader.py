@@ -11,6 +11,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jinfer.errors import CheckpointError, UnsupportedArchitectureError
+from jinfer.models import llama
 from jinfer.models.config import LlamaConfig, RopeScaling
 
 if TYPE_CHECKING:
@@ -264,4 +265,4 @@ def _layer(tensors: SafetensorsDir, config: LlamaConfig, i: int) -> dict[str, np
     layer["bq"] = get(p + "self_attn.q_proj.bias", (n * h,)).reshape(n, h)
     layer["bk"] = get(p + "self_attn.k_proj.bias", (k * h,)).reshape(k, h)
     layer["bv"] = get(p + "self_attn.v_proj.bias", (k * h,)).reshape(k, h)
-  return {name: np.ascontiguousarray(w) for name, w in layer.items()}
+  return {name: np.ascontiguousarray(w) for name, w in llama.pack_layer(layer).items()}
