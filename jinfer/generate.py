@@ -6,6 +6,8 @@ Prints the completion, then compile time, prefill time and decode speed on separ
 (`jinfer.generate`, the function, is what `import jinfer` gives; this file is the command line.)
 """
 
+import sys
+
 from absl import app
 from absl import flags
 
@@ -25,8 +27,14 @@ _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: random).")
 def main(argv):
   del argv
   import jinfer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
-  from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
+  try:
+    _generate(jinfer)
+  except jinfer.JinferError as e:  # bad model name, file or request: the message says the fix
+    sys.exit(f"error: {e}")
 
+
+def _generate(jinfer):
+  from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
   model = jinfer.load_model(_MODEL.value, dtype=_DTYPE.value)
   prompt = _PROMPT.value
   if _CHAT.value:
