@@ -675,3 +675,23 @@ def test_orbax_load_rejects_partial_directories(tmp_path, tiny_checkpoint):
 def test_orbax_config_with_unknown_fields(tmp_path):
   with pytest.raises(CheckpointError, match=r"\['n_experts'\]"):
     orbax_io.config_from_dict(dataclasses.asdict(TINY) | {"n_experts": 8})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_model_reloads_a_saved_model_with_the_same_logits(tmp_path, dtype):
+  import jinfer
+  w = hf_weights(TINY, untied=True)
+  gguf_path = write_gguf(tmp_path / "t.gguf", TINY, gguf_tensors(TINY, w, True))
+  model = jinfer.load_model(str(gguf_path), dtype=dtype)
+  model.save(tmp_path / "saved")
+  reloaded = jinfer.load_model(str(tmp_path / "saved"), dtype=dtype)
+  assert reloaded.config == model.config and reloaded.dtype == model.dtype
+  ids = [[1, 5, 9, 3, 7]]
+  np.testing.assert_array_equal(reloaded.logits(ids), model.logits(ids))
+  assert reloaded.tokenizer.encode("hello") == model.tokenizer.encode("hello")
+
+
+def test_load_model_rejects_an_unknown_dtype():
+  import jinfer
+  with pytest.raises(jinfer.InvalidRequestError, match="float16.*bfloat16"):
+    jinfer.load_model("smollm2-135m-instruct", dtype="float16")
