@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,15 +56,27 @@ def _llama3_scaled(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
   return np.where(is_medium, ramp, scaled)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Half-rotation RoPE (Hugging Face layout): pairs are (i, i + H/2)."""
-  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x32 = x_BxTxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxTxNxH.dtype)
+@flax.struct.dataclass
+class Rope:
+  """cos/sin of every (position, frequency) angle of a batch, computed once for all layers."""
+
+  cos_BxTxHh: jax.Array
+  sin_BxTxHh: jax.Array
+
+  @classmethod
+  def at(cls, positions_BxT: jax.Array, inv_freq: np.ndarray) -> "Rope":
+    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    return cls(jnp.cos(angles), jnp.sin(angles))
+
+  def apply(self, x_BxTx___xH: jax.Array) -> jax.Array:
+    """Half-rotation RoPE (Hugging Face layout): pairs are (i, i + H/2); any heads dims."""
+    extra = (1,) * (x_BxTx___xH.ndim - 3)
+    b, t, half = self.cos_BxTxHh.shape
+    cos = self.cos_BxTxHh.reshape(b, t, *extra, half)
+    sin = self.sin_BxTxHh.reshape(b, t, *extra, half)
+    x1, x2 = jnp.split(x_BxTx___xH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxTx___xH.dtype)
 
 
 def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_positions_BxT, k_positions_BxS) -> jax.Array:
@@ -118,17 +131,16 @@ def unpack_layer(layer: dict[str, Any]) -> dict[str, Any]:
   return layer
 
 
-def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, inv_freq):
+def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, rope: Rope):
   b, t, d = x_BxTxD.shape
   w_qkv = layer["w_qkv"]
   # One matmul for q, k and v; the reshape of the weight to [D, K*(G+2)*H] is free (a bitcast).
   qkv_BxTxKxG2xH = (x_BxTxD @ w_qkv.reshape(d, -1)).reshape(b, t, *w_qkv.shape[1:])
   if config.qkv_bias:
     qkv_BxTxKxG2xH = qkv_BxTxKxG2xH + layer["b_qkv"]
-  q = qkv_BxTxKxG2xH[:, :, :, :-2].reshape(b, t, config.n_heads, config.head_dim)
-  k = apply_rope(qkv_BxTxKxG2xH[:, :, :, -2], positions_BxT, inv_freq)
+  q = rope.apply(qkv_BxTxKxG2xH[:, :, :, :-2]).reshape(b, t, config.n_heads, config.head_dim)
+  k = rope.apply(qkv_BxTxKxG2xH[:, :, :, -2])
   v = qkv_BxTxKxG2xH[:, :, :, -1]
-  q = apply_rope(q, positions_BxT, inv_freq)
   if cache is None:
     out_BxTxNxH = attention(q, k, v, positions_BxT, positions_BxT)
   else:
@@ -149,12 +161,12 @@ def _mlp_block(layer, x_BxTxD):
 def hidden_states(params: Params, config: LlamaConfig, tokens_BxT: jax.Array,
                   positions_BxT: jax.Array, cache: Optional[KVCache] = None):
   """Runs the decoder stack; returns the final-normed hidden states [B, T, D] and the cache."""
-  inv_freq = rope_inverse_frequencies(config)
+  rope = Rope.at(positions_BxT, rope_inverse_frequencies(config))
   x = params["embed"][tokens_BxT]
   for i, layer in enumerate(params["layers"]):
     attn_out, cache = _attention_block(
         config, layer, rms_norm(x, layer["attn_norm"], config.norm_eps), positions_BxT, cache, i,
-        inv_freq)
+        rope)
     x = x + attn_out
     x = x + _mlp_block(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
   return rms_norm(x, params["final_norm"], config.norm_eps), cache
