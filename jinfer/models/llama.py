@@ -79,17 +79,17 @@ class Rope:
     return rotated.astype(x_BxTx___xH.dtype)
 
 
-def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_positions_BxT, k_positions_BxS) -> jax.Array:
+def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, q_positions_BxT, k_positions_BxS) -> jax.Array:
   """Causal grouped-query attention by position: a query sees keys at positions <= its own."""
   b, t, n, h = q_BxTxNxH.shape
-  kv_heads = k_BxSxKxH.shape[2]
+  kv_heads = k_BxKxSxH.shape[1]
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
+  scores = jnp.einsum("BTKGH,BKSH->BKGTS", q_BxTxKxGxH, k_BxKxSxH,
                       preferred_element_type=jnp.float32) / math.sqrt(h)
   visible_BxTxS = k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
   scores = jnp.where(visible_BxTxS[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BxKxSxH)
   return out.reshape(b, t, n, h)
 
 
@@ -142,7 +142,8 @@ def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, 
   k = rope.apply(qkv_BxTxKxG2xH[:, :, :, -2])
   v = qkv_BxTxKxG2xH[:, :, :, -1]
   if cache is None:
-    out_BxTxNxH = attention(q, k, v, positions_BxT, positions_BxT)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, K, H] -> [B, K, T, H]
+    out_BxTxNxH = attention(q, heads_first(k), heads_first(v), positions_BxT, positions_BxT)
   else:
     cache = cache.write(layer_index, k, v, positions_BxT)
     k_all, v_all, k_positions_S = cache.keys_values(layer_index)
