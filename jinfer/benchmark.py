@@ -1,0 +1,495 @@
+r"""Decode throughput of jinfer and its peers, measured in one run on one machine.
+
+  python -m jinfer.benchmark --batch_sizes=1,8 --dtypes=float32,bfloat16 --peers=transformers
+
+Prints the machine facts, a markdown table (one row per system, dtype and batch size) and the
+speedup of jinfer float32 batch 1 over transformers float32 batch 1 measured in the same run.
+Every system decodes the same prompt token ids greedily for exactly `--new_tokens` tokens
+(EOS ignored). Decode throughput counts the tokens after the first one (which prefill makes),
+summed over the batch, divided by the decode time; the best of `--repeats` timed runs after
+one warm-up (compile) run is kept.
+
+The functions below take the model objects as arguments, so tests (and notebooks) can inject a
+tiny model; `main` only turns flags into calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+# Fixed English text the benchmark prompt is cut from (repeated when more tokens are needed).
+PROMPT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
+    "produce books far faster than any scribe. Within fifty years, presses were running in more "
+    "than two hundred European cities, and millions of volumes had been printed. The spread of "
+    "cheap books changed how people learned, argued and worshipped. Scientists shared results "
+    "with distant colleagues, merchants kept better accounts, and ordinary readers could follow "
+    "debates that had once been closed to them. Historians still disagree about how quickly these "
+    "changes arrived, but few doubt that the press was one of the most important inventions of "
+    "its age. ")
+
+KNOWN_PEERS = ("transformers", "llama_cpp")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """What to measure: shared by jinfer and every peer."""
+
+  batch_sizes: tuple[int, ...] = (1, 8)
+  dtypes: tuple[str, ...] = DTYPES
+  prompt_tokens: int = 64
+  new_tokens: int = 128
+  repeats: int = 2
+  bandwidth_gbps: float = 30.0
+
+
+@dataclasses.dataclass
+class Row:
+  """One measured (system, dtype, batch) point. Times are the best of the timed repeats."""
+
+  system: str
+  dtype: str
+  batch: int
+  prompt_tokens: int
+  new_tokens: int
+  compile_s: Optional[float]  # None where the system has no compile step
+  prefill_ms: float
+  decode_tok_s: float  # tokens after the first, summed over the batch, per second
+  ms_per_step: float  # one decode step for the whole batch
+  weight_bytes: Optional[int] = None
+  bandwidth_fraction: Optional[float] = None  # batch-1 rows: achieved / ceiling tok/s
+  ceiling_tok_s: Optional[float] = None  # batch-1 rows: bandwidth / weight bytes
+  note: str = ""
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def machine_facts() -> dict[str, Any]:
+  """Versions, JAX backend and device kind, and CPU count of this machine."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "cpu_model": cpu_model(),
+  }
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` says."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def build_prompt_ids(tokenizer, prompt_tokens: int, text: str = PROMPT_TEXT) -> list[int]:
+  """Exactly `prompt_tokens` token ids cut from fixed English text (repeated if too short)."""
+  if prompt_tokens < 1:
+    raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}.")
+  ids = list(tokenizer.encode(text))
+  if not ids:
+    raise ValueError("the tokenizer turned the benchmark text into no tokens.")
+  while len(ids) < prompt_tokens:
+    ids += ids
+  return ids[:prompt_tokens]
+
+
+def weight_bytes(params) -> int:
+  """Bytes of all arrays in a parameter pytree: what batch-1 decode reads per step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.nbytes for x in jax.tree.leaves(params)))
+
+
+def bandwidth_ceiling(nbytes: int, bandwidth_gbps: float) -> float:
+  """Batch-1 decode tokens/s if every step read `nbytes` at `bandwidth_gbps` GB/s."""
+  return bandwidth_gbps * 1e9 / nbytes
+
+
+def make_row(system: str, dtype: str, batch: int, cfg: BenchConfig, *, compile_s, prefill_s,
+             decode_s, nbytes: Optional[int] = None, note: str = "") -> Row:
+  """Turns best-of timings into a Row; batch-1 rows with known weight bytes get roofline figures."""
+  steps = cfg.new_tokens - 1
+  tok_s = batch * steps / decode_s if decode_s > 0 else float("nan")
+  row = Row(system=system, dtype=dtype, batch=batch, prompt_tokens=cfg.prompt_tokens,
+            new_tokens=cfg.new_tokens, compile_s=compile_s, prefill_ms=prefill_s * 1e3,
+            decode_tok_s=tok_s, ms_per_step=decode_s / steps * 1e3 if steps else float("nan"),
+            weight_bytes=nbytes, note=note)
+  if batch == 1 and nbytes:
+    row.ceiling_tok_s = bandwidth_ceiling(nbytes, cfg.bandwidth_gbps)
+    row.bandwidth_fraction = tok_s / row.ceiling_tok_s
+  return row
+
+
+def _check_config(cfg: BenchConfig) -> None:
+  """Rejects settings that would make the measurement meaningless."""
+  if cfg.new_tokens < 2:
+    raise ValueError(f"new_tokens must be >= 2 (decode starts after the first token), "
+                     f"got {cfg.new_tokens}.")
+  if cfg.repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {cfg.repeats}.")
+  if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+    raise ValueError(f"batch_sizes must be positive integers, got {cfg.batch_sizes}.")
+  bad = [d for d in cfg.dtypes if d not in DTYPES]
+  if bad or not cfg.dtypes:
+    raise ValueError(f"dtypes must be among {DTYPES}, got {cfg.dtypes}.")
+
+
+# ----------------------------------------------------------------------------- jinfer
+
+
+def cast_model(model, dtype: str):
+  """`model` with its floating weights in `dtype` (the same values load_model would give)."""
+  from jinfer import model as model_lib  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(
+      model, params=model_lib.cast_params(model.params, model_lib.resolve_dtype(dtype)))
+
+
+def bench_jinfer_point(model, prompt_ids: Sequence[int], batch: int, cfg: BenchConfig,
+                       dtype: str) -> Row:
+  """Times jinfer's greedy generate on `batch` copies of the prompt: warm-up, then best of N."""
+  import jinfer  # pylint: disable=g-import-not-at-top
+  from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
+  params = jinfer.SamplingParams(max_tokens=cfg.new_tokens, temperature=0.0, ignore_eos=True)
+  prompts = [list(prompt_ids)] * batch
+  _, warm = generate_with_stats(model, prompts, params)
+  best_prefill, best_decode = math.inf, math.inf
+  for _ in range(cfg.repeats):
+    _, stats = generate_with_stats(model, prompts, params)
+    expected = batch * (cfg.new_tokens - 1)
+    if stats.generated_tokens != expected:
+      raise RuntimeError(f"jinfer generated {stats.generated_tokens} decode tokens, expected "
+                         f"{expected}; ignore_eos should make every row run to max_tokens.")
+    best_prefill = min(best_prefill, stats.prefill_s)
+    best_decode = min(best_decode, stats.decode_s)
+  return make_row("jinfer", dtype, batch, cfg, compile_s=warm.compile_s, prefill_s=best_prefill,
+                  decode_s=best_decode, nbytes=weight_bytes(model.params))
+
+
+def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print) -> list[Row]:
+  """One Row per (dtype, batch size) for a jinfer Model (cast to each dtype in turn)."""
+  prompt_ids = build_prompt_ids(model.tokenizer, cfg.prompt_tokens)
+  rows = []
+  for dtype in cfg.dtypes:
+    cast = cast_model(model, dtype)
+    for batch in cfg.batch_sizes:
+      log(f"jinfer {dtype} batch {batch} ...")
+      rows.append(bench_jinfer_point(cast, prompt_ids, batch, cfg, dtype))
+    del cast
+  return rows
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerContext:
+  """What a peer needs: the checkpoint (kind/path from registry.resolve) and the prompt ids."""
+
+  checkpoint_kind: str  # 'gguf', 'hf' or 'orbax'
+  checkpoint_path: str
+  prompt_ids: tuple[int, ...]
+
+
+class PeerUnavailable(Exception):
+  """The peer cannot run here (package missing, unsupported checkpoint); the message says why."""
+
+
+def load_transformers_model(ctx: PeerContext):
+  """The same checkpoint as a float32 transformers model (a GGUF is dequantized on load)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise PeerUnavailable(f"{e}; install with `pip install torch==2.13.0 transformers accelerate` "
+                          "(pin torch: other versions pull a CUDA build).") from e
+  path = ctx.checkpoint_path
+  if ctx.checkpoint_kind == "gguf":
+    kwargs = dict(gguf_file=os.path.basename(path))
+    path = os.path.dirname(path) or "."
+  elif ctx.checkpoint_kind == "hf":
+    kwargs = {}
+  else:
+    raise PeerUnavailable(f"transformers cannot read a {ctx.checkpoint_kind} checkpoint; "
+                          "benchmark a .gguf file or a Hugging Face directory.")
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+  return model.eval()
+
+
+def _torch_generate_seconds(torch_model, input_ids, new_tokens: int) -> float:
+  """Wall time of one greedy `generate` of exactly `new_tokens` tokens with the KV cache."""
+  import torch  # pylint: disable=g-import-not-at-top
+  attention_mask = torch.ones_like(input_ids)
+  eos = torch_model.generation_config.eos_token_id
+  pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+  start = time.perf_counter()
+  with torch.inference_mode():
+    out = torch_model.generate(input_ids, attention_mask=attention_mask,
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, use_cache=True,
+                               pad_token_id=pad if pad is not None else 0)
+  seconds = time.perf_counter() - start
+  if out.shape[1] - input_ids.shape[1] != new_tokens:
+    raise RuntimeError(f"transformers generated {out.shape[1] - input_ids.shape[1]} tokens, "
+                       f"expected {new_tokens}.")
+  return seconds
+
+
+def bench_transformers_point(torch_model, prompt_ids: Sequence[int], batch: int,
+                             cfg: BenchConfig) -> Row:
+  """Times transformers on `batch` copies of the prompt; prefill is a separate 1-token run.
+
+  decode tok/s = batch * (N - 1) / (best N-token time - best 1-token time).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  input_ids = torch.tensor([list(prompt_ids)] * batch, dtype=torch.long)
+  _torch_generate_seconds(torch_model, input_ids, cfg.new_tokens)  # warm-up
+  prefill = min(_torch_generate_seconds(torch_model, input_ids, 1) for _ in range(cfg.repeats))
+  total = min(_torch_generate_seconds(torch_model, input_ids, cfg.new_tokens)
+              for _ in range(cfg.repeats))
+  nbytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())
+  dtype = str(next(torch_model.parameters()).dtype).removeprefix("torch.")
+  return make_row("transformers", dtype, batch, cfg, compile_s=None, prefill_s=prefill,
+                  decode_s=total - prefill, nbytes=int(nbytes),
+                  note=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def bench_transformers(ctx: PeerContext, cfg: BenchConfig,
+                       log: Callable[[str], None] = print) -> list[Row]:
+  """transformers float32 rows for every batch size."""
+  torch_model = load_transformers_model(ctx)
+  rows = []
+  for batch in cfg.batch_sizes:
+    log(f"transformers float32 batch {batch} ...")
+    rows.append(bench_transformers_point(torch_model, ctx.prompt_ids, batch, cfg))
+  return rows
+
+
+def _llama_cpp_module():
+  """The llama_cpp package, or PeerUnavailable saying how to install it."""
+  try:
+    import llama_cpp  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise PeerUnavailable(
+        "package llama_cpp is not importable; install it with `pip install llama-cpp-python` "
+        "(compiles llama.cpp from source: about 5 minutes on 2 cores).") from e
+  return llama_cpp
+
+
+def _llama_cpp_generate_seconds(llm, prompt_ids: Sequence[int],
+                                new_tokens: int) -> tuple[float, float]:
+  """(time to the first token, total time) of greedy generation of `new_tokens` tokens.
+
+  The low-level `Llama.generate` iterator never stops at EOS, so exactly `new_tokens` tokens
+  come out; `reset()` first so no prefix of an earlier run is reused from the KV cache.
+  """
+  llm.reset()
+  start = time.perf_counter()
+  first = None
+  count = 0
+  for _ in llm.generate(list(prompt_ids), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+    count += 1
+    if first is None:
+      first = time.perf_counter() - start
+    if count == new_tokens:
+      break
+  return first, time.perf_counter() - start
+
+
+def bench_llama_cpp(ctx: PeerContext, cfg: BenchConfig,
+                    log: Callable[[str], None] = print) -> list[Row]:
+  """llama.cpp batch-1 row on the GGUF's own (quantized) weights; larger batches are skipped."""
+  llama_cpp = _llama_cpp_module()
+  if ctx.checkpoint_kind != "gguf":
+    raise PeerUnavailable(f"llama_cpp needs a .gguf file, got a {ctx.checkpoint_kind} checkpoint.")
+  threads = os.cpu_count() or 1
+  llm = llama_cpp.Llama(model_path=ctx.checkpoint_path,
+                        n_ctx=cfg.prompt_tokens + cfg.new_tokens + 16, n_threads=threads,
+                        n_batch=max(cfg.prompt_tokens, 8), verbose=False)
+  log("llama_cpp batch 1 ...")
+  _llama_cpp_generate_seconds(llm, ctx.prompt_ids, cfg.new_tokens)  # warm-up
+  runs = [_llama_cpp_generate_seconds(llm, ctx.prompt_ids, cfg.new_tokens)
+          for _ in range(cfg.repeats)]
+  prefill = min(first for first, _ in runs)
+  decode = min(total - first for first, total in runs)
+  note = f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}, {threads} threads"
+  if any(b != 1 for b in cfg.batch_sizes):
+    note += "; batch > 1 not measured (one sequence per Llama context)"
+  return [make_row("llama_cpp", "gguf-native", 1, cfg, compile_s=None, prefill_s=prefill,
+                   decode_s=decode, nbytes=os.path.getsize(ctx.checkpoint_path), note=note)]
+
+
+# name -> runner(ctx, cfg, log) -> rows; a runner raises PeerUnavailable when it cannot run here.
+PEERS: dict[str, Callable[..., list[Row]]] = {
+    "transformers": bench_transformers,
+    "llama_cpp": bench_llama_cpp,
+}
+
+
+def run_peers(peers: Sequence[str], ctx: Optional[PeerContext], cfg: BenchConfig,
+              log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
+  """Rows of every requested peer, and {peer: why it was skipped} for those that could not run."""
+  rows, skipped = [], {}
+  for name in peers:
+    if name == "none":
+      continue
+    if name not in PEERS:
+      raise ValueError(f"unknown peer {name!r}; choose from {sorted(PEERS)} or 'none'.")
+    if ctx is None:
+      skipped[name] = "no checkpoint path to give it (the model was passed in memory)."
+      continue
+    try:
+      rows += PEERS[name](ctx, cfg, log)
+    except PeerUnavailable as e:
+      skipped[name] = str(e)
+    except Exception as e:  # pylint: disable=broad-except  (keep the rows measured so far)
+      skipped[name] = f"failed: {type(e).__name__}: {e}"
+    if name in skipped:
+      log(f"{name}: skipped: {skipped[name]}")
+  return rows, skipped
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def find_row(rows: Sequence[Row], system: str, dtype: str, batch: int) -> Optional[Row]:
+  """The first row of `system` with this dtype and batch size, if measured."""
+  return next((r for r in rows if (r.system, r.dtype, r.batch) == (system, dtype, batch)), None)
+
+
+def speedup(rows: Sequence[Row], peer: str = "transformers") -> Optional[float]:
+  """jinfer float32 batch-1 decode tok/s over `peer` float32 batch-1, or None if either is missing."""
+  ours, theirs = find_row(rows, "jinfer", "float32", 1), find_row(rows, peer, "float32", 1)
+  if ours is None or theirs is None or not theirs.decode_tok_s > 0:
+    return None
+  return ours.decode_tok_s / theirs.decode_tok_s
+
+
+def _fmt(value, spec: str) -> str:
+  """`value` formatted with `spec`, or '-' when missing."""
+  return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(
+      value, spec)
+
+
+def format_table(rows: Sequence[Row], bandwidth_gbps: float) -> str:
+  """Markdown table of the rows."""
+  header = ["system", "dtype", "batch", "compile s", "prefill ms", "decode tok/s", "ms/step",
+            f"ceiling tok/s @{bandwidth_gbps:g} GB/s", "of ceiling", "notes"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in rows:
+    cells = [r.system, r.dtype, str(r.batch), _fmt(r.compile_s, ".2f"), _fmt(r.prefill_ms, ".1f"),
+             _fmt(r.decode_tok_s, ".1f"), _fmt(r.ms_per_step, ".2f"), _fmt(r.ceiling_tok_s, ".1f"),
+             _fmt(r.bandwidth_fraction, ".0%"), r.note]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def format_facts(facts: dict[str, Any]) -> str:
+  """One line of machine facts."""
+  return ", ".join(f"{k}={v}" for k, v in facts.items())
+
+
+def speedup_line(rows: Sequence[Row]) -> str:
+  """The closing line: jinfer float32 batch 1 vs transformers float32 batch 1, this run."""
+  ratio = speedup(rows)
+  if ratio is None:
+    return "speedup jinfer/transformers (float32, batch 1): not measured in this run"
+  ours = find_row(rows, "jinfer", "float32", 1)
+  theirs = find_row(rows, "transformers", "float32", 1)
+  return (f"speedup jinfer/transformers (float32, batch 1): {ratio:.2f}x "
+          f"({ours.decode_tok_s:.1f} vs {theirs.decode_tok_s:.1f} tok/s)")
+
+
+def run_benchmark(model, cfg: BenchConfig, peers: Sequence[str] = ("transformers",),
+                  peer_ctx: Optional[PeerContext] = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Measures jinfer (`model`, any dtype; cast per row) and the peers; returns a JSON-able dict.
+
+  Keys: facts, config, rows (list of Row dicts), skipped ({peer: reason}), speedup (or None).
+  """
+  _check_config(cfg)
+  facts = machine_facts()
+  rows = bench_jinfer(model, cfg, log)
+  peer_rows, skipped = run_peers(peers, peer_ctx, cfg, log)
+  rows += peer_rows
+  return {"facts": facts, "config": dataclasses.asdict(cfg),
+          "rows": [dataclasses.asdict(r) for r in rows], "skipped": skipped,
+          "speedup": speedup(rows)}
+
+
+def report(results: dict[str, Any]) -> str:
+  """The printed report: machine facts, table, skipped peers and the speedup line."""
+  rows = [Row(**r) for r in results["rows"]]
+  cfg = results["config"]
+  parts = [f"machine: {format_facts(results['facts'])}",
+           f"prompt {cfg['prompt_tokens']} tokens, {cfg['new_tokens']} new tokens (greedy, EOS "
+           f"ignored), best of {cfg['repeats']} after a warm-up; decode tok/s is summed over the "
+           "batch", "", format_table(rows, cfg["bandwidth_gbps"]), ""]
+  parts += [f"{name}: skipped: {why}" for name, why in results["skipped"].items()]
+  parts.append(speedup_line(rows))
+  return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- command line
+
+_MODEL = flags.DEFINE_string(
+    "model", "smollm2-135m-instruct",
+    "Registry name, .gguf file, Hugging Face directory or jinfer Orbax checkpoint.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
+_DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "jinfer dtypes: float32 and/or bfloat16.")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Prompt length in tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per sequence.")
+_PEERS = flags.DEFINE_list(
+    "peers", ["transformers"], f"Peers to compare with: any of {list(KNOWN_PEERS)}, or 'none'.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is kept.")
+_BANDWIDTH_GBPS = flags.DEFINE_float(
+    "bandwidth_gbps", 30.0, "Memory bandwidth for the batch-1 roofline (30 GB/s on the 2-core "
+    "dev machine, see FACTS.md).")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+
+
+def main(argv):
+  del argv
+  import jinfer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
+  cfg = BenchConfig(batch_sizes=tuple(int(b) for b in _BATCH_SIZES.value),
+                    dtypes=tuple(_DTYPES.value), prompt_tokens=_PROMPT_TOKENS.value,
+                    new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
+                    bandwidth_gbps=_BANDWIDTH_GBPS.value)
+  _check_config(cfg)
+  model = jinfer.load_model(_MODEL.value, dtype="float32")
+  kind, path = registry.resolve(_MODEL.value)
+  ctx = PeerContext(kind, str(path),
+                    tuple(build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
+  results = run_benchmark(model, cfg, _PEERS.value, ctx)
+  print(report(results))
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,96 @@
+"""Smoke tests of jinfer.benchmark on tiny models (no timing is asserted)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from jinfer import benchmark
+
+ROW_KEYS = {f.name for f in dataclasses.fields(benchmark.Row)}
+TINY = benchmark.BenchConfig(batch_sizes=(1, 2), dtypes=("float32", "bfloat16"), prompt_tokens=8,
+                             new_tokens=4, repeats=1)
+
+
+def _check_row(row: dict, system: str, batch: int, dtype: str):
+  assert set(row) == ROW_KEYS
+  assert (row["system"], row["batch"], row["dtype"]) == (system, batch, dtype)
+  for key in ("prefill_ms", "decode_tok_s", "ms_per_step"):
+    assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+  assert row["weight_bytes"] > 0
+  if batch == 1:
+    assert math.isfinite(row["bandwidth_fraction"]) and row["bandwidth_fraction"] > 0
+    assert row["ceiling_tok_s"] > 0
+  else:
+    assert row["bandwidth_fraction"] is None
+
+
+def test_build_prompt_ids_has_exact_length(tiny_model):
+  ids = benchmark.build_prompt_ids(tiny_model.tokenizer, 2000)
+  assert len(ids) == 2000
+  assert benchmark.build_prompt_ids(tiny_model.tokenizer, 5) == ids[:5]
+
+
+def test_run_benchmark_on_tiny_model(tiny_model, tmp_path):
+  logs = []
+  results = benchmark.run_benchmark(tiny_model, TINY, peers=["none"], log=logs.append)
+  assert set(results) == {"facts", "config", "rows", "skipped", "speedup"}
+  assert results["facts"]["cpu_count"] >= 1 and results["facts"]["jax"]
+  assert [(r["dtype"], r["batch"]) for r in results["rows"]] == [
+      ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+  for row in results["rows"]:
+    _check_row(row, "jinfer", row["batch"], row["dtype"])
+    assert row["compile_s"] >= 0
+  f32, bf16 = results["rows"][0], results["rows"][2]
+  assert bf16["weight_bytes"] * 2 == f32["weight_bytes"]
+  assert results["skipped"] == {} and results["speedup"] is None
+  assert len(logs) == 4
+
+  text = benchmark.report(results)
+  assert text.count("| jinfer |") == 4
+  assert "not measured in this run" in text
+  (tmp_path / "r.json").write_text(json.dumps(results))  # JSON-able
+
+
+def test_peers_without_checkpoint_are_skipped_and_unknown_rejected():
+  rows, skipped = benchmark.run_peers(["transformers"], None, TINY, log=lambda _: None)
+  assert rows == [] and "transformers" in skipped
+  with pytest.raises(ValueError, match="unknown peer"):
+    benchmark.run_peers(["vllm"], None, TINY, log=lambda _: None)
+
+
+def test_bad_config_is_rejected(tiny_model):
+  with pytest.raises(ValueError, match="new_tokens"):
+    benchmark.run_benchmark(tiny_model, dataclasses.replace(TINY, new_tokens=1), peers=[])
+  with pytest.raises(ValueError, match="dtypes"):
+    benchmark.run_benchmark(tiny_model, dataclasses.replace(TINY, dtypes=("float16",)), peers=[])
+
+
+def test_transformers_point_on_tiny_random_llama():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=256,
+                                    eos_token_id=255, bos_token_id=1)
+  torch_model = transformers.LlamaForCausalLM(config).eval()
+  row = benchmark.bench_transformers_point(torch_model, list(range(8)), 2, TINY)
+  _check_row(dataclasses.asdict(row), "transformers", 2, "float32")
+
+
+def test_speedup_and_table_from_rows():
+  cfg = benchmark.BenchConfig(new_tokens=11)
+  ours = benchmark.make_row("jinfer", "float32", 1, cfg, compile_s=1.0, prefill_s=0.01,
+                            decode_s=0.5, nbytes=10**9)
+  theirs = benchmark.make_row("transformers", "float32", 1, cfg, compile_s=None, prefill_s=0.02,
+                              decode_s=1.0, nbytes=10**9)
+  assert ours.decode_tok_s == pytest.approx(20.0)
+  assert ours.ms_per_step == pytest.approx(50.0)
+  assert ours.ceiling_tok_s == pytest.approx(30.0)
+  assert ours.bandwidth_fraction == pytest.approx(20 / 30)
+  assert benchmark.speedup([ours, theirs]) == pytest.approx(2.0)
+  assert "2.00x" in benchmark.speedup_line([ours, theirs])
+  table = benchmark.format_table([ours, theirs], 30.0)
+  assert "| transformers | float32 | 1 | - |" in table
