@@ -72,9 +72,9 @@ def hf_weights(cfg: LlamaConfig, seed: int = 0, *, bias: bool = False,
   return w
 
 
-def unpacked(params: dict) -> dict:
+def unpacked(params: dict, cfg: LlamaConfig) -> dict:
   """Params with each layer's fused projections split back into wq/wk/wv/w_gate/w_up."""
-  return {**params, "layers": [llama.unpack_layer(l) for l in params["layers"]]}
+  return {**params, "layers": [llama.unpack_layer(l, cfg) for l in params["layers"]]}
 
 
 def expected_params(cfg: LlamaConfig, w: dict) -> dict:
@@ -82,12 +82,12 @@ def expected_params(cfg: LlamaConfig, w: dict) -> dict:
   d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   p = {"embed": w["embed"], "final_norm": w["norm"], "layers": []}
   if "output" in w:
-    p["lm_head"] = w["output"].T
+    p["lm_head"] = w["output"]
   for l in w["layers"]:
-    e = {"attn_norm": l["attn_norm"], "wq": l["q"].T.reshape(d, n, h),
-         "wk": l["k"].T.reshape(d, k, h), "wv": l["v"].T.reshape(d, k, h),
-         "wo": l["o"].T.reshape(n, h, d), "mlp_norm": l["ffn_norm"], "w_gate": l["gate"].T,
-         "w_up": l["up"].T, "w_down": l["down"].T}
+    e = {"attn_norm": l["attn_norm"], "wq": l["q"].reshape(n, h, d),
+         "wk": l["k"].reshape(k, h, d), "wv": l["v"].reshape(k, h, d),
+         "wo": l["o"].reshape(d, n, h), "mlp_norm": l["ffn_norm"], "w_gate": l["gate"],
+         "w_up": l["up"], "w_down": l["down"]}
     if "bq" in l:
       e.update(bq=l["bq"].reshape(n, h), bk=l["bk"].reshape(k, h), bv=l["bv"].reshape(k, h))
     p["layers"].append(e)
@@ -168,7 +168,7 @@ def write_gguf(path: Path, cfg: LlamaConfig, tensors: dict, *, arch: str = "llam
 
 def assert_params_equal(actual: dict, expected: dict, atol: float = 0.0) -> None:
   """Compares loaded (fused) params with unfused expected ones."""
-  actual = unpacked(actual)
+  expected = {**expected, "layers": [llama.pack_layer(l) for l in expected["layers"]]}
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for path, a in jax.tree_util.tree_leaves_with_path(actual):
     e = expected
@@ -249,7 +249,7 @@ def test_quantized_gguf_dequantizes_within_format_error(tmp_path, qtype):
   # ...and within half a quantization step of the float32 original, but not equal to it.
   original = expected_params(TINY, w)
   for name in ("wq", "wk", "w_down"):
-    err = np.abs(unpacked(params)["layers"][1][name] - original["layers"][1][name]).max()
+    err = np.abs(unpacked(params, TINY)["layers"][1][name] - original["layers"][1][name]).max()
     scale = np.abs(original["layers"][1][name]).max()
     assert 0 < err <= 1.01 * QUANT_TOLERANCE[qtype] * scale, (name, err / scale)
 
@@ -425,10 +425,10 @@ def test_real_smollm2_gguf(real_gguf):
   assert sum(x.size for x in leaves) == 134_515_008  # 134.5M
   assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
   assert "lm_head" not in params and len(params["layers"]) == 30
-  assert params["layers"][0]["w_qkv"].shape == (576, 3, 5, 64)  # 3 KV heads x (3 q + k + v)
-  layer = llama.unpack_layer(params["layers"][0])
-  assert layer["wq"].shape == (576, 9, 64) and layer["wk"].shape == (576, 3, 64)
-  assert layer["wo"].shape == (9, 64, 576) and layer["w_down"].shape == (1536, 576)
+  assert params["layers"][0]["w_qkv"].shape == (3 * 5 * 64, 576)  # 3 KV heads x (3 q + k + v)
+  layer = llama.unpack_layer(params["layers"][0], config)
+  assert layer["wq"].shape == (9, 64, 576) and layer["wk"].shape == (3, 64, 576)
+  assert layer["wo"].shape == (576, 9, 64) and layer["w_down"].shape == (576, 1536)
   assert all(np.isfinite(x).all() for x in leaves[:20])
   assert tokenizer.vocab_size == 49152 and tokenizer.eos_id == 2
   # Q8_0 embeddings: stored values are multiples of each 32-block's scale; spot-check one row
@@ -519,7 +519,7 @@ def test_hf_qwen2_tied_with_biases_in_bf16(tmp_path, torch_seeded):
   sd = save_hf(model, tmp_path)
   config, params, _ = load_hf_dir(tmp_path)
   assert config.architecture == "qwen2" and config.qkv_bias and config.tie_embeddings
-  assert "lm_head" not in params and llama.unpack_layer(params["layers"][0])["bq"].shape == (4, 16)
+  assert "lm_head" not in params and llama.unpack_layer(params["layers"][0], config)["bq"].shape == (4, 16)
   # bfloat16 widens to float32 exactly.
   assert_params_equal(params, expected_from_state_dict(config, sd))
 
@@ -530,7 +530,7 @@ def test_hf_mistral_with_explicit_head_dim(tmp_path, torch_seeded):
   sd = save_hf(model, tmp_path)
   config, params, _ = load_hf_dir(tmp_path)
   assert (config.architecture, config.head_dim, config.n_heads) == ("mistral", 32, 4)
-  assert llama.unpack_layer(params["layers"][0])["wq"].shape == (64, 4, 32)
+  assert llama.unpack_layer(params["layers"][0], config)["wq"].shape == (4, 32, 64)
   assert_params_equal(params, expected_from_state_dict(config, sd))
 
 

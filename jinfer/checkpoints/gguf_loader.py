@@ -244,7 +244,7 @@ def params_from_gguf(reader: gguf.GGUFReader, config: LlamaConfig) -> Params:
       "layers": [_layer(get, config, i) for i in range(config.n_layers)],
   }
   if not config.tie_embeddings:
-    params["lm_head"] = get("output.weight", (config.vocab_size, config.d_model)).T.copy()
+    params["lm_head"] = get("output.weight", (config.vocab_size, config.d_model))
   return params
 
 
@@ -276,14 +276,14 @@ def _layer(get: Callable[[str, tuple[int, ...]], np.ndarray], config: LlamaConfi
          else (lambda w, heads: w))
   layer = {
       "attn_norm": get(p + "attn_norm.weight", (d,)),
-      "wq": fix(get(p + "attn_q.weight", (n * h, d)), n).T.reshape(d, n, h),
-      "wk": fix(get(p + "attn_k.weight", (k * h, d)), k).T.reshape(d, k, h),
-      "wv": get(p + "attn_v.weight", (k * h, d)).T.reshape(d, k, h),
-      "wo": get(p + "attn_output.weight", (d, n * h)).T.reshape(n, h, d),
+      "wq": fix(get(p + "attn_q.weight", (n * h, d)), n).reshape(n, h, d),
+      "wk": fix(get(p + "attn_k.weight", (k * h, d)), k).reshape(k, h, d),
+      "wv": get(p + "attn_v.weight", (k * h, d)).reshape(k, h, d),
+      "wo": get(p + "attn_output.weight", (d, n * h)).reshape(d, n, h),
       "mlp_norm": get(p + "ffn_norm.weight", (d,)),
-      "w_gate": get(p + "ffn_gate.weight", (f, d)).T,
-      "w_up": get(p + "ffn_up.weight", (f, d)).T,
-      "w_down": get(p + "ffn_down.weight", (d, f)).T,
+      "w_gate": get(p + "ffn_gate.weight", (f, d)),
+      "w_up": get(p + "ffn_up.weight", (f, d)),
+      "w_down": get(p + "ffn_down.weight", (d, f)),
   }
   if config.qkv_bias:
     layer["bq"] = fix(get(p + "attn_q.bias", (n * h,)), n).reshape(n, h)

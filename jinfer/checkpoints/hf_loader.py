@@ -241,7 +241,7 @@ def params_from_hf(tensors: SafetensorsDir, config: LlamaConfig) -> Params:
   }
   # Tied checkpoints sometimes still store lm_head.weight; the config decides.
   if not config.tie_embeddings:
-    params["lm_head"] = np.ascontiguousarray(tensors.get("lm_head.weight", (v, d)).T)
+    params["lm_head"] = tensors.get("lm_head.weight", (v, d))
   return params
 
 
@@ -252,14 +252,14 @@ def _layer(tensors: SafetensorsDir, config: LlamaConfig, i: int) -> dict[str, np
   get = tensors.get
   layer = {
       "attn_norm": get(p + "input_layernorm.weight", (d,)),
-      "wq": get(p + "self_attn.q_proj.weight", (n * h, d)).T.reshape(d, n, h),
-      "wk": get(p + "self_attn.k_proj.weight", (k * h, d)).T.reshape(d, k, h),
-      "wv": get(p + "self_attn.v_proj.weight", (k * h, d)).T.reshape(d, k, h),
-      "wo": get(p + "self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d),
+      "wq": get(p + "self_attn.q_proj.weight", (n * h, d)).reshape(n, h, d),
+      "wk": get(p + "self_attn.k_proj.weight", (k * h, d)).reshape(k, h, d),
+      "wv": get(p + "self_attn.v_proj.weight", (k * h, d)).reshape(k, h, d),
+      "wo": get(p + "self_attn.o_proj.weight", (d, n * h)).reshape(d, n, h),
       "mlp_norm": get(p + "post_attention_layernorm.weight", (d,)),
-      "w_gate": get(p + "mlp.gate_proj.weight", (f, d)).T,
-      "w_up": get(p + "mlp.up_proj.weight", (f, d)).T,
-      "w_down": get(p + "mlp.down_proj.weight", (d, f)).T,
+      "w_gate": get(p + "mlp.gate_proj.weight", (f, d)),
+      "w_up": get(p + "mlp.up_proj.weight", (f, d)),
+      "w_down": get(p + "mlp.down_proj.weight", (d, f)),
   }
   if config.qkv_bias:
     layer["bq"] = get(p + "self_attn.q_proj.bias", (n * h,)).reshape(n, h)
