@@ -12,8 +12,9 @@ from jinfer.decoding.sampling import SamplingArrays, SamplingParams, filtered_lo
 VOCAB = 8
 
 
-def _arrays(params, seeds=None):
-  return SamplingArrays.from_params(params, seeds or [0] * len(params))
+def _arrays(params, seeds=None, stop_ids=None, vocab=VOCAB):
+  stop_ids = stop_ids if stop_ids is not None else [[]] * len(params)
+  return SamplingArrays.from_params(params, seeds or [0] * len(params), stop_ids, vocab)
 
 
 def _counting_model(tokens_B, positions_B, cache):
@@ -22,19 +23,19 @@ def _counting_model(tokens_B, positions_B, cache):
   return logits, cache + 1
 
 
-def _run(first_tokens, max_tokens, stop_ids, until=None, capacity=8):
-  params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
-  sampling = _arrays(params)
-  stop = jnp.asarray(stop_ids, jnp.int32)
+def _run(first_tokens, max_tokens, stop_ids, until=None, capacity=8, params=None):
+  params = params or [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
+  sampling = _arrays(params, stop_ids=stop_ids)
+  batch = len(first_tokens)
   first_logits = 10.0 * jax.nn.one_hot(jnp.asarray(first_tokens), VOCAB)
-  state = loop.init_state(jnp.int32(0), jnp.ones(len(first_tokens), jnp.int32), capacity,
-                          first_logits, sampling, stop, jnp.zeros(len(first_tokens), bool))
+  state = loop.init_state(jnp.int32(0), jnp.ones(batch, jnp.int32), jnp.zeros((batch, VOCAB), bool),
+                          capacity, 0, first_logits, sampling, jnp.zeros(batch, bool))
   until = capacity if until is None else until
-  return loop.decode(_counting_model, state, sampling, stop, jnp.int32(until))
+  return loop.decode(_counting_model, state, sampling, jnp.int32(until))
 
 
 def test_loop_counts_up_and_stops_per_row():
-  state = _run(first_tokens=[0, 3, 5], max_tokens=[3, 8, 8], stop_ids=[[-2], [6], [-2]])
+  state = _run(first_tokens=[0, 3, 5], max_tokens=[3, 8, 8], stop_ids=[[], [6], []])
   np.testing.assert_array_equal(state.tokens_BxL, [
       [0, 1, 2, -1, -1, -1, -1, -1],  # max_tokens=3
       [3, 4, 5, 6, -1, -1, -1, -1],  # stop id 6 is kept as the last token
@@ -46,16 +47,16 @@ def test_loop_counts_up_and_stops_per_row():
 
 
 def test_loop_stops_early_when_all_rows_are_done():
-  state = _run(first_tokens=[0, 0], max_tokens=[2, 3], stop_ids=[[-2], [-2]])
+  state = _run(first_tokens=[0, 0], max_tokens=[2, 3], stop_ids=[[], []])
   assert int(state.step) == 3 and int(state.cache) == 2
 
 
 def test_loop_resumes_in_chunks_with_the_same_result():
-  whole = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[-2]])
-  partial = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[-2]], until=3)
+  whole = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[]])
+  partial = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[]], until=3)
   assert int(partial.step) == 3
   sampling = _arrays([SamplingParams(max_tokens=8, temperature=0.0)])
-  resumed = loop.decode(_counting_model, partial, sampling, jnp.asarray([[-2]]), jnp.int32(8))
+  resumed = loop.decode(_counting_model, partial, sampling, jnp.int32(8))
   np.testing.assert_array_equal(resumed.tokens_BxL, whole.tokens_BxL)
 
 

@@ -2,6 +2,7 @@
 
 Shapes are bucketed (batch, prompt length and generated-token capacity rounded up to powers of
 two) so a handful of compiled programs serve every request; per-row settings are traced arrays.
+A prompt asking for n samples is prefilled once; its n rows share that prefill's KV cache.
 """
 
 from __future__ import annotations
@@ -25,23 +26,34 @@ Prompt = Union[str, Sequence[int]]
 
 @dataclasses.dataclass
 class Completion:
-  """One finished sequence. `finish_reason` is 'stop' (a stop/EOS token) or 'length'."""
+  """One finished sequence.
+
+  `finish_reason` is 'stop' (a stop token or stop string) or 'length'; `stop_reason` is the stop
+  string or stop token id that ended it (None for EOS or length). `logprobs[i]` is the
+  log-probability of `token_ids[i]`, and `top_logprobs[i]` the `SamplingParams.logprobs` most
+  likely tokens at that step ({token id: log-probability}), both under the distribution that
+  `logprobs_mode` names. `index` tells apart the n samples of one prompt.
+  """
 
   text: str
   token_ids: list[int]
-  logprobs: list[float]  # log-probability of each generated token under the model
+  logprobs: list[float]
   finish_reason: str
   prompt_token_ids: list[int]
+  stop_reason: Union[int, str, None] = None
+  top_logprobs: Optional[list[dict[int, float]]] = None
+  index: int = 0
 
 
 @dataclasses.dataclass
 class StreamDelta:
-  """New output of prompt `index` since the previous delta."""
+  """New output of sequence `index` (its position in `generate`'s result) since the last delta."""
 
   index: int
   text: str
   token_ids: list[int]
   finish_reason: Optional[str] = None  # set on the last delta of a sequence
+  stop_reason: Union[int, str, None] = None
 
 
 @dataclasses.dataclass
@@ -50,7 +62,7 @@ class GenerationStats:
   prefill_s: float = 0.0
   decode_s: float = 0.0
   prompt_tokens: int = 0
-  generated_tokens: int = 0  # excludes the first token, which prefill produces
+  generated_tokens: int = 0  # excludes each sequence's first token, which prefill produces
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -65,27 +77,34 @@ def bucket(n: int, minimum: int = 16) -> int:
 # ----------------------------------------------------------------------------- compiled pieces
 
 
-def _prefill(params, tokens_BxT, prompt_lens_B, sampling, stop_ids_BxM, done_B, *, config,
-             cache_len, capacity):
-  batch, length = tokens_BxT.shape
-  cache = KVCache.init(config, batch, cache_len, params["embed"].dtype)
-  positions_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  h_BxTxD, cache = llama.hidden_states(params, config, tokens_BxT, positions_BxT, cache)
-  last_BxD = jnp.take_along_axis(h_BxTxD, (prompt_lens_B - 1)[:, None, None], axis=1)
-  logits_BxV = llama.logits_from_hidden(params, config, last_BxD)[:, 0]
-  return loop.init_state(cache, prompt_lens_B, capacity, logits_BxV, sampling, stop_ids_BxM,
-                         done_B)
+def _prefill(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B, *, config,
+             cache_len, capacity, num_top_logprobs):
+  """Runs the P distinct prompts once, then gives each of the B rows its prompt's cache."""
+  num_prompts, length = tokens_PxT.shape
+  cache = KVCache.init(config, num_prompts, cache_len, params["embed"].dtype)
+  positions_PxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num_prompts, length))
+  h_PxTxD, cache = llama.hidden_states(params, config, tokens_PxT, positions_PxT, cache)
+  last_PxD = jnp.take_along_axis(h_PxTxD, (prompt_lens_P - 1)[:, None, None], axis=1)
+  logits_PxV = llama.logits_from_hidden(params, config, last_PxD)[:, 0]
+  in_prompt_PxT = jnp.arange(length) < prompt_lens_P[:, None]
+  prompt_mask_PxV = jnp.zeros((num_prompts, config.vocab_size), bool).at[
+      jnp.arange(num_prompts)[:, None], jnp.where(in_prompt_PxT, tokens_PxT, config.vocab_size)
+  ].set(True, mode="drop")
+  cache = jax.tree.map(lambda x: x[row_prompt_B], cache)
+  return loop.init_state(cache, prompt_lens_P[row_prompt_B], prompt_mask_PxV[row_prompt_B],
+                         capacity, num_top_logprobs, logits_PxV[row_prompt_B], sampling, done_B)
 
 
-def _decode(params, state, sampling, stop_ids_BxM, until_step, *, config):
+def _decode(params, state, sampling, until_step, *, config):
   def tokens_to_logits(tokens_B, positions_B, cache):
     logits, cache = llama.forward(params, config, tokens_B[:, None], positions_B[:, None], cache)
     return logits[:, 0], cache
 
-  return loop.decode(tokens_to_logits, state, sampling, stop_ids_BxM, until_step)
+  return loop.decode(tokens_to_logits, state, sampling, until_step)
 
 
-_PREFILL = jax.jit(_prefill, static_argnames=("config", "cache_len", "capacity"))
+_PREFILL = jax.jit(_prefill,
+                   static_argnames=("config", "cache_len", "capacity", "num_top_logprobs"))
 _DECODE = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",))
 
 
@@ -112,15 +131,26 @@ _COMPILED = _CompileCache()
 
 
 @dataclasses.dataclass
+class _Row:
+  """One generated sequence: sample `index` of prompt `prompt`."""
+
+  prompt: int
+  index: int
+  params: SamplingParams
+  stop_ids: list[int]
+
+
+@dataclasses.dataclass
 class _Batch:
   prompt_ids: list[list[int]]
-  params: list[SamplingParams]
-  tokens_BxT: np.ndarray
-  prompt_lens_B: np.ndarray
+  rows: list[_Row]  # real rows; the batch is padded past them with rows that start done
+  tokens_PxT: np.ndarray
+  prompt_lens_P: np.ndarray
+  row_prompt_B: np.ndarray
   sampling: SamplingArrays
-  stop_ids_BxM: np.ndarray
-  done_B: np.ndarray  # padding rows start done
+  done_B: np.ndarray
   capacity: int
+  num_top_logprobs: int
 
 
 def _encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -159,81 +189,161 @@ def _prepare(model, prompts, params) -> _Batch:
   prompt_ids = _encode_prompts(model, prompts)
   params = _per_prompt_params(params, len(prompt_ids))
   for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+    p.check_vocab(model.config.vocab_size)
     if len(ids) + p.max_tokens > model.config.max_seq_len:
       raise InvalidRequestError(
           f"prompt {i} has {len(ids)} tokens and asks for max_tokens={p.max_tokens}, more than "
           f"the model's context of {model.config.max_seq_len}; shorten the prompt or max_tokens.")
-  count = len(prompt_ids)
-  batch = bucket(count, minimum=1)
-  length = bucket(max(len(ids) for ids in prompt_ids))
-  tokens_BxT = np.zeros((batch, length), np.int32)
-  prompt_lens_B = np.ones((batch,), np.int32)
+  rows = [_Row(i, j, p, _stop_ids(model, p)) for i, p in enumerate(params) for j in range(p.n)]
+  num_prompts, batch = bucket(len(prompt_ids), minimum=1), bucket(len(rows), minimum=1)
+  tokens_PxT = np.zeros((num_prompts, bucket(max(map(len, prompt_ids)))), np.int32)
+  prompt_lens_P = np.ones((num_prompts,), np.int32)
   for i, ids in enumerate(prompt_ids):
-    tokens_BxT[i, :len(ids)] = ids
-    prompt_lens_B[i] = len(ids)
-  padded = params + [SamplingParams(max_tokens=1, temperature=0.0)] * (batch - count)
-  seeds = [p.seed if p.seed is not None else np.random.randint(0, 2**31) for p in padded]
-  stops = [_stop_ids(model, p) for p in padded]
-  stop_ids_BxM = np.full((batch, bucket(max(map(len, stops)), minimum=1)), -2, np.int32)
-  for i, ids in enumerate(stops):
-    stop_ids_BxM[i, :len(ids)] = ids
-  return _Batch(prompt_ids, params, tokens_BxT, prompt_lens_B,
-                SamplingArrays.from_params(padded, seeds), stop_ids_BxM,
-                np.arange(batch) >= count, bucket(max(p.max_tokens for p in params)))
+    tokens_PxT[i, :len(ids)] = ids
+    prompt_lens_P[i] = len(ids)
+  padding = _Row(0, 0, SamplingParams(max_tokens=1, temperature=0.0), [])
+  padded = rows + [padding] * (batch - len(rows))
+  seeds = [r.params.seed if r.params.seed is not None else np.random.randint(0, 2**31)
+           for r in padded]
+  sampling = SamplingArrays.from_params(
+      [r.params for r in padded], seeds, [r.stop_ids for r in padded], model.config.vocab_size,
+      sample_index=[r.index for r in padded])
+  return _Batch(prompt_ids, rows, tokens_PxT, prompt_lens_P,
+                np.asarray([r.prompt for r in padded], np.int32), sampling,
+                np.arange(batch) >= len(rows), bucket(max(p.max_tokens for p in params)),
+                max(p.logprobs or 0 for p in params))
 
 
 def _run_prefill(model, b: _Batch, stats: GenerationStats) -> loop.DecodeState:
-  args = (model.params, b.tokens_BxT, b.prompt_lens_B, b.sampling, b.stop_ids_BxM, b.done_B)
-  static = dict(config=model.config, cache_len=b.tokens_BxT.shape[1] + b.capacity,
-                capacity=b.capacity)
+  args = (model.params, b.tokens_PxT, b.prompt_lens_P, b.row_prompt_B, b.sampling, b.done_B)
+  static = dict(config=model.config, cache_len=b.tokens_PxT.shape[1] + b.capacity,
+                capacity=b.capacity, num_top_logprobs=b.num_top_logprobs)
   program = _COMPILED.get(_PREFILL, args, static, stats)
   start = time.perf_counter()
   state = jax.block_until_ready(program(*args))
   stats.prefill_s += time.perf_counter() - start
-  stats.prompt_tokens += int(b.prompt_lens_B[:len(b.prompt_ids)].sum())
+  stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
   return state
 
 
 def _run_decode(model, b: _Batch, state, until_step: int, stats) -> loop.DecodeState:
-  args = (model.params, state, b.sampling, b.stop_ids_BxM, jnp.int32(until_step))
+  args = (model.params, state, b.sampling, jnp.int32(until_step))
   program = _COMPILED.get(_DECODE, args, dict(config=model.config), stats)
-  generated_before = int(state.num_generated_B[:len(b.prompt_ids)].sum())
+  generated_before = int(state.num_generated_B[:len(b.rows)].sum())
   start = time.perf_counter()
   state = jax.block_until_ready(program(*args))
   stats.decode_s += time.perf_counter() - start
-  stats.generated_tokens += int(state.num_generated_B[:len(b.prompt_ids)].sum()) - generated_before
+  stats.generated_tokens += int(state.num_generated_B[:len(b.rows)].sum()) - generated_before
   return state
 
 
-def _finish_reason(token_ids: list[int], stop_ids: list[int]) -> str:
-  return "stop" if token_ids and token_ids[-1] in stop_ids else "length"
+class _RowText:
+  """A row's text as its tokens arrive: stable increments, with stop strings found and cut."""
+
+  def __init__(self, tokenizer, stops: Sequence[str]):
+    from jinfer.tokenizers import IncrementalDetokenizer  # pylint: disable=g-import-not-at-top
+    self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    self._stops = stops
+    self._hold = max(map(len, stops), default=1) - 1  # a stop string may still be completing
+    self.text = ""
+    self.num_tokens = 0
+    self.stop: Optional[tuple[int, str]] = None  # (where the stop string starts, which one)
+    self._emitted = 0
+
+  def push(self, token_ids: Sequence[int]) -> None:
+    for token in token_ids:
+      if self.stop is not None:
+        return
+      self.num_tokens += 1
+      self._extend(self._detokenizer.push(token))
+
+  def _extend(self, piece: str) -> None:
+    start = max(0, len(self.text) - self._hold)
+    self.text += piece
+    found = [(self.text.find(s, start), s) for s in self._stops if self.text.find(s, start) >= 0]
+    if found:
+      self.stop = min(found)
+
+  def take(self, final: bool) -> str:
+    """The text not returned yet that no later token can change (all of it when final)."""
+    if final and self.stop is None:
+      self._extend(self._detokenizer.flush())
+    if self.stop is not None:
+      end = self.stop[0]
+    else:
+      end = len(self.text) if final else len(self.text) - self._hold
+    out = self.text[self._emitted:max(end, self._emitted)]
+    self._emitted = max(end, self._emitted)
+    return out
+
+
+def _finish(row: _Row, token_ids: list[int], text: _RowText) -> tuple[str, Union[int, str, None]]:
+  """(finish_reason, stop_reason) of a finished row."""
+  if text.stop is not None:
+    return "stop", text.stop[1]
+  if token_ids and token_ids[-1] in row.stop_ids:
+    return "stop", (token_ids[-1] if token_ids[-1] in row.params.stop_token_ids else None)
+  return "length", None
+
+
+def _decode_all(model, b: _Batch, state, texts: list[_RowText], stats, steps_per_chunk: int):
+  """Yields the state after each chunk of steps, ending rows whose text hit a stop string."""
+  chunk = steps_per_chunk if any(r.params.stop for r in b.rows) else b.capacity
+  seen = [0] * len(b.rows)
+  while True:
+    tokens_BxL, num_generated_B = np.asarray(state.tokens_BxL), np.asarray(state.num_generated_B)
+    for i, text in enumerate(texts):
+      text.push(tokens_BxL[i, seen[i]:num_generated_B[i]].tolist())
+      seen[i] = num_generated_B[i]
+    done_B = np.asarray(state.done_B).copy()
+    stopped = [i for i, t in enumerate(texts) if t.stop is not None and not done_B[i]]
+    if stopped:
+      done_B[stopped] = True
+      state = state.replace(done_B=jnp.asarray(done_B))
+    yield state
+    if done_B.all():
+      return
+    state = _run_decode(model, b, state, int(state.step) + chunk, stats)
+
+
+def _completion(model, b: _Batch, state, i: int, text: _RowText) -> Completion:
+  row = b.rows[i]
+  count = text.num_tokens
+  ids = np.asarray(state.tokens_BxL[i, :count]).tolist()
+  top = None
+  if row.params.logprobs is not None:
+    top_ids, top_values = np.asarray(state.top_ids_BxLxN[i]), np.asarray(state.top_logprobs_BxLxN[i])
+    top = [dict(zip(top_ids[t, :row.params.logprobs].tolist(),
+                    top_values[t, :row.params.logprobs].tolist())) for t in range(count)]
+  body = text.take(final=True)
+  reason, stop_reason = _finish(row, ids, text)
+  return Completion(text=body, token_ids=ids,
+                    logprobs=np.asarray(state.logprobs_BxL[i, :count]).tolist(),
+                    finish_reason=reason, prompt_token_ids=b.prompt_ids[row.prompt],
+                    stop_reason=stop_reason, top_logprobs=top, index=row.index)
 
 
 def generate_with_stats(model, prompts: Sequence[Prompt],
-                        params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                        ) -> tuple[list[Completion], GenerationStats]:
+                        params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
+                        steps_per_chunk: int = 16) -> tuple[list[Completion], GenerationStats]:
   """`generate`, also returning compile, prefill and decode timings."""
   stats = GenerationStats()
   b = _prepare(model, prompts, params)
+  texts = [_RowText(model.tokenizer, r.params.stop) for r in b.rows]
   state = _run_prefill(model, b, stats)
-  state = _run_decode(model, b, state, b.capacity, stats)
-  tokens_BxL = np.asarray(state.tokens_BxL)
-  logprobs_BxL = np.asarray(state.logprobs_BxL)
-  completions = []
-  for i, (prompt_ids, p) in enumerate(zip(b.prompt_ids, b.params)):
-    count = int(state.num_generated_B[i])
-    ids = tokens_BxL[i, :count].tolist()
-    completions.append(Completion(
-        text=model.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-        logprobs=logprobs_BxL[i, :count].tolist(),
-        finish_reason=_finish_reason(ids, _stop_ids(model, p)), prompt_token_ids=prompt_ids))
-  return completions, stats
+  for state in _decode_all(model, b, state, texts, stats, steps_per_chunk):
+    pass
+  return [_completion(model, b, state, i, text) for i, text in enumerate(texts)], stats
 
 
 def generate(model, prompts: Sequence[Prompt],
              params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              ) -> list[Completion]:
-  """Completes each prompt (a string or a list of token ids) with its SamplingParams."""
+  """Completes each prompt (a string or a list of token ids) with its SamplingParams.
+
+  Returns one Completion per sequence: prompt order, and a prompt's n samples next to each
+  other (`Completion.index` numbers them).
+  """
   return generate_with_stats(model, prompts, params)[0]
 
 
@@ -243,34 +353,28 @@ def generate_stream(model, prompts: Sequence[Prompt],
   """Yields StreamDeltas as tokens are produced, every `steps_per_chunk` decode steps.
 
   The same compiled loop as `generate` runs `steps_per_chunk` steps per call, so streaming costs
-  one host round trip per chunk, not per token. Text never ends in half a UTF-8 character.
+  one host round trip per chunk, not per token. Text never ends in half a UTF-8 character, and
+  text that may be the start of a stop string is held back until it is known not to be.
+  `StreamDelta.index` is the sequence's position in what `generate` would return.
   """
-  from jinfer.tokenizers import IncrementalDetokenizer  # pylint: disable=g-import-not-at-top
-
   stats = GenerationStats()
   b = _prepare(model, prompts, params)
-  count = len(b.prompt_ids)
-  detokenizers = [IncrementalDetokenizer(model.tokenizer, skip_special_tokens=True)
-                  for _ in range(count)]
-  emitted = [0] * count
-  finished = [False] * count
+  texts = [_RowText(model.tokenizer, r.params.stop) for r in b.rows]
+  sent = [0] * len(b.rows)
+  finished = [False] * len(b.rows)
   state = _run_prefill(model, b, stats)
-  while True:
-    tokens_BxL = np.asarray(state.tokens_BxL)
-    num_generated = np.asarray(state.num_generated_B)
-    done = np.asarray(state.done_B)
-    for i in range(count):
-      new_ids = tokens_BxL[i, emitted[i]:num_generated[i]].tolist()
-      if finished[i] or not (new_ids or done[i]):
+  for state in _decode_all(model, b, state, texts, stats, steps_per_chunk):
+    tokens_BxL, done_B = np.asarray(state.tokens_BxL), np.asarray(state.done_B)
+    for i, text in enumerate(texts):
+      if finished[i]:
         continue
-      text = "".join(detokenizers[i].push(t) for t in new_ids)
-      emitted[i] += len(new_ids)
-      reason = None
-      if done[i]:
-        text += detokenizers[i].flush()
-        reason = _finish_reason(tokens_BxL[i, :emitted[i]].tolist(), _stop_ids(model, b.params[i]))
+      new_ids = tokens_BxL[i, sent[i]:text.num_tokens].tolist()
+      sent[i] = text.num_tokens
+      piece = text.take(final=bool(done_B[i]))
+      reason = stop_reason = None
+      if done_B[i]:
         finished[i] = True
-      yield StreamDelta(index=i, text=text, token_ids=new_ids, finish_reason=reason)
-    if all(finished):
-      return
-    state = _run_decode(model, b, state, int(state.step) + steps_per_chunk, stats)
+        reason, stop_reason = _finish(b.rows[i], tokens_BxL[i, :text.num_tokens].tolist(), text)
+      if new_ids or piece or reason:
+        yield StreamDelta(index=i, text=piece, token_ids=new_ids, finish_reason=reason,
+                          stop_reason=stop_reason)

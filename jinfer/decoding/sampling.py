@@ -7,7 +7,7 @@ whose rows all have different settings, and changing them never recompiles.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.struct
 import jax
@@ -17,35 +17,82 @@ import numpy as np
 from jinfer.errors import InvalidRequestError
 
 
+LOGPROBS_MODES = ("raw", "processed")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """How to decode one prompt. `temperature=0` is greedy; `top_k=0` and `top_p=1` disable those.
+  """How to decode one prompt, with vLLM's field names. `temperature=0` is greedy.
 
-  `seed` makes a row's samples reproducible whatever else is in the batch; `None` draws a fresh
-  seed per call. `stop_token_ids` end a sequence in addition to the tokenizer's EOS ids, unless
-  `ignore_eos` is set (then only `stop_token_ids` and `max_tokens` end it).
+  Sequences end at `max_tokens`, at a stop token (the tokenizer's EOS ids unless `ignore_eos`,
+  plus `stop_token_ids`) or when the text contains a `stop` string (trimmed from the output).
+  Logits processors run in this order: `logit_bias` and `allowed_token_ids`, `min_tokens` (stop
+  tokens masked until that many were generated), `repetition_penalty` (transformers': seen
+  tokens' positive logits divided by it, negative ones multiplied), `frequency_penalty` and
+  `presence_penalty` (OpenAI's: minus penalty x count, and minus penalty if present, counting
+  generated tokens), then temperature, `top_k` (0 or -1: off), `top_p`, `min_p`.
+  `seed` makes a row's samples reproducible whatever else is in the batch (`None`: a fresh seed).
+  `n` samples share the prompt's prefill. `logprobs=N` also returns the N most likely tokens per
+  step; `logprobs_mode` 'raw' reports the model's distribution, 'processed' the one sampled from
+  (after every processor and temperature/top-k/top-p/min-p).
   """
 
+  n: int = 1
   max_tokens: int = 16
+  min_tokens: int = 0
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  frequency_penalty: float = 0.0
+  presence_penalty: float = 0.0
+  logit_bias: Optional[Mapping[int, float]] = None
+  allowed_token_ids: Optional[Sequence[int]] = None
   seed: Optional[int] = None
+  stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
+  logprobs: Optional[int] = None
+  logprobs_mode: str = "raw"
 
   def __post_init__(self):
+    stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+    object.__setattr__(self, "stop", stop)
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-    _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+    _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
+    _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+    _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+           f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+           f"got {self.min_tokens!r}.")
     _check(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
     _check(self.top_k >= 0 or self.top_k == -1,
            f"top_k must be >= 1, or 0 / -1 to disable it, got {self.top_k}.")
     _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
     _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}.")
-    _check(self.seed is None or isinstance(self.seed, (int, np.integer)),
-           f"seed must be an integer or None, got {self.seed!r}.")
+    _check(self.repetition_penalty > 0,
+           f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
+    for name in ("frequency_penalty", "presence_penalty"):
+      _check(-2 <= getattr(self, name) <= 2, f"{name} must be in [-2, 2], got {getattr(self, name)}.")
+    _check(self.seed is None or _is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}.")
+    _check(all(isinstance(x, str) and x for x in stop), f"stop must be non-empty strings, got {stop!r}.")
+    _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+           f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}.")
+    _check(self.logprobs_mode in LOGPROBS_MODES,
+           f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}.")
+    _check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+           "allowed_token_ids must not be empty; pass None to allow every token.")
+
+  def check_vocab(self, vocab_size: int) -> None:
+    """Token ids in the request must exist in the model's vocabulary."""
+    ids = list(self.stop_token_ids) + list(self.logit_bias or ()) + list(self.allowed_token_ids or ())
+    bad = [t for t in ids if not 0 <= int(t) < vocab_size]
+    _check(not bad, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -55,25 +102,74 @@ def _check(ok: bool, message: str) -> None:
 
 @flax.struct.dataclass
 class SamplingArrays:
-  """Per-row sampling settings as device arrays, each of shape [B]."""
+  """Per-row sampling settings as device arrays: [B] each, and a [B, V] additive logit bias."""
 
   temperature: jax.Array
   top_k: jax.Array  # 0 means no top-k
   top_p: jax.Array
   min_p: jax.Array
   max_tokens: jax.Array
-  rng_keys: jax.Array  # [B] typed PRNG keys, one per row from its seed
+  min_tokens: jax.Array
+  repetition_penalty: jax.Array
+  frequency_penalty: jax.Array
+  presence_penalty: jax.Array
+  processed_logprobs: jax.Array  # bool: report logprobs of the processed distribution
+  logit_bias_BxV: jax.Array  # logit_bias, and -inf outside allowed_token_ids
+  stop_mask_BxV: jax.Array  # bool: the tokens that end each row's sequence
+  rng_keys: jax.Array  # [B] typed PRNG keys, one per row
 
   @classmethod
-  def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int]) -> "SamplingArrays":
+  def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
+                  stop_ids: Sequence[Sequence[int]], vocab_size: int,
+                  sample_index: Optional[Sequence[int]] = None) -> "SamplingArrays":
+    """`stop_ids[b]` end row b; `sample_index[b]` tells apart the n samples of one prompt."""
     column = lambda name, dtype: jnp.asarray([getattr(p, name) for p in params], dtype)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    if sample_index is not None and any(sample_index):
+      index = jnp.asarray(sample_index, jnp.uint32)
+      keys = jnp.where(index > 0, jax.vmap(jax.random.fold_in)(keys, index), keys)
     return cls(
         temperature=column("temperature", jnp.float32),
         top_k=jnp.asarray([max(p.top_k, 0) for p in params], jnp.int32),
-        top_p=column("top_p", jnp.float32),
-        min_p=column("min_p", jnp.float32),
-        max_tokens=column("max_tokens", jnp.int32),
-        rng_keys=jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+        top_p=column("top_p", jnp.float32), min_p=column("min_p", jnp.float32),
+        max_tokens=column("max_tokens", jnp.int32), min_tokens=column("min_tokens", jnp.int32),
+        repetition_penalty=column("repetition_penalty", jnp.float32),
+        frequency_penalty=column("frequency_penalty", jnp.float32),
+        presence_penalty=column("presence_penalty", jnp.float32),
+        processed_logprobs=jnp.asarray([p.logprobs_mode == "processed" for p in params]),
+        logit_bias_BxV=jnp.asarray(np.stack([_bias_row(p, vocab_size) for p in params])),
+        stop_mask_BxV=jnp.asarray(np.stack([_mask_row(ids, vocab_size) for ids in stop_ids])),
+        rng_keys=keys)
+
+
+def _mask_row(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
+  mask_V = np.zeros((vocab_size,), bool)
+  mask_V[np.asarray(token_ids, np.int64)] = True
+  return mask_V
+
+
+def _bias_row(p: SamplingParams, vocab_size: int) -> np.ndarray:
+  bias_V = np.zeros((vocab_size,), np.float32)
+  if p.allowed_token_ids is not None:
+    bias_V[:] = -np.inf
+    bias_V[np.asarray(p.allowed_token_ids, np.int64)] = 0.0
+  for token, value in (p.logit_bias or {}).items():
+    bias_V[int(token)] += float(value)
+  return bias_V
+
+
+def process_logits(logits_BxV: jax.Array, s: SamplingArrays, output_counts_BxV: jax.Array,
+                   prompt_mask_BxV: jax.Array, num_generated_B: jax.Array) -> jax.Array:
+  """Applies bias, min_tokens and the penalties (see SamplingParams for the semantics)."""
+  logits = logits_BxV.astype(jnp.float32) + s.logit_bias_BxV
+  too_early_B = num_generated_B < s.min_tokens
+  logits = jnp.where(too_early_B[:, None] & s.stop_mask_BxV, -jnp.inf, logits)
+  seen = prompt_mask_BxV | (output_counts_BxV > 0)
+  penalty = s.repetition_penalty[:, None]
+  logits = jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+  counts = output_counts_BxV.astype(jnp.float32)
+  return (logits - s.frequency_penalty[:, None] * counts
+          - s.presence_penalty[:, None] * (counts > 0))
 
 
 def filtered_logits(logits_BxV: jax.Array, s: SamplingArrays) -> jax.Array:
