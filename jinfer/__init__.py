@@ -3,6 +3,7 @@
 Public API: `load_model`, `Model`, `SamplingParams`, `generate`, `generate_stream`, `Completion`.
 """
 
+from jinfer.decoding.beam_search import BeamSearchParams, BeamSequence, beam_search
 from jinfer.decoding.generate import Completion, StreamDelta, generate, generate_stream
 from jinfer.decoding.sampling import SamplingParams
 from jinfer.errors import (CheckpointError, ChecksumMismatchError, InvalidRequestError,
@@ -13,4 +14,5 @@ __all__ = [
     "load_model", "Model", "SamplingParams", "generate", "generate_stream", "Completion",
     "StreamDelta", "JinferError", "CheckpointError", "ChecksumMismatchError",
     "InvalidRequestError", "UnknownModelError", "UnsupportedArchitectureError",
+    "beam_search", "BeamSearchParams", "BeamSequence",
 ]
