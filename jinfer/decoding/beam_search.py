@@ -30,12 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.cache.kv_cache import KVCache
 from jinfer.decoding.generate import (_COMPILED, GenerationStats, Prompt, _encode_prompts,
-                                      _stop_ids, bucket)
+                                      _stop_ids, bucket, decode_step_fn, prefill_logits)
 from jinfer.decoding.loop import PAD_TOKEN, TokensToLogits
 from jinfer.errors import InvalidRequestError
-from jinfer.models import llama
 
 # transformers' "impossible" score. Added rather than -inf so that sums stay finite and ordered.
 NEG = -1.0e9
@@ -259,28 +257,13 @@ def search(tokens_to_logits: TokensToLogits, state: BeamState, first_logits_BxV:
 # ----------------------------------------------------------------------------- the model program
 
 
-def prefill_logits(params, config, tokens_BxT: jax.Array, prompt_lens_B: jax.Array,
-                   cache_len: int) -> tuple[jax.Array, KVCache]:
-  """Runs the padded prompts once; returns each prompt's last-position logits [B, V] and cache."""
-  batch, length = tokens_BxT.shape
-  cache = KVCache.init(config, batch, cache_len, params["embed"].dtype)
-  positions_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  h_BxTxD, cache = llama.hidden_states(params, config, tokens_BxT, positions_BxT, cache)
-  last_Bx1xD = jnp.take_along_axis(h_BxTxD, (prompt_lens_B - 1)[:, None, None], axis=1)
-  return llama.logits_from_hidden(params, config, last_Bx1xD)[:, 0], cache
-
-
 def _beam_program(params, tokens_BxT, prompt_lens_B, active_B, settings, *, config, cache_len,
                   capacity, width, num_candidates) -> BeamState:
   logits_BxV, cache = prefill_logits(params, config, tokens_BxT, prompt_lens_B, cache_len)
   cache = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), cache)
 
-  def tokens_to_logits(tokens_N, positions_N, cache):
-    logits, cache = llama.forward(params, config, tokens_N[:, None], positions_N[:, None], cache)
-    return logits[:, 0], cache
-
   state = init_state(cache, tokens_BxT.shape[0], width, capacity, active_B)
-  state = search(tokens_to_logits, state, logits_BxV, prompt_lens_B, settings, num_candidates)
+  state = search(decode_step_fn(params, config), state, logits_BxV, prompt_lens_B, settings, num_candidates)
   return state.replace(cache=None)  # the caller needs only the hypotheses
 
 

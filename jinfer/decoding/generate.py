@@ -77,15 +77,31 @@ def bucket(n: int, minimum: int = 16) -> int:
 # ----------------------------------------------------------------------------- compiled pieces
 
 
+def prefill_logits(params, config, tokens_BxT: jax.Array, prompt_lens_B: jax.Array,
+                   cache_len: int) -> tuple[jax.Array, KVCache]:
+  """Runs the padded prompts once; returns each prompt's last-position logits [B, V] and cache."""
+  batch, length = tokens_BxT.shape
+  cache = KVCache.init(config, batch, cache_len, params["embed"].dtype)
+  positions_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  h_BxTxD, cache = llama.hidden_states(params, config, tokens_BxT, positions_BxT, cache)
+  last_Bx1xD = jnp.take_along_axis(h_BxTxD, (prompt_lens_B - 1)[:, None, None], axis=1)
+  return llama.logits_from_hidden(params, config, last_Bx1xD)[:, 0], cache
+
+
+def decode_step_fn(params, config) -> loop.TokensToLogits:
+  """The model as decode loops see it: one new token per row, through the cache."""
+  def tokens_to_logits(tokens_B, positions_B, cache):
+    logits, cache = llama.forward(params, config, tokens_B[:, None], positions_B[:, None], cache)
+    return logits[:, 0], cache
+
+  return tokens_to_logits
+
+
 def _prefill(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B, *, config,
              cache_len, capacity, num_top_logprobs):
   """Runs the P distinct prompts once, then gives each of the B rows its prompt's cache."""
+  logits_PxV, cache = prefill_logits(params, config, tokens_PxT, prompt_lens_P, cache_len)
   num_prompts, length = tokens_PxT.shape
-  cache = KVCache.init(config, num_prompts, cache_len, params["embed"].dtype)
-  positions_PxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num_prompts, length))
-  h_PxTxD, cache = llama.hidden_states(params, config, tokens_PxT, positions_PxT, cache)
-  last_PxD = jnp.take_along_axis(h_PxTxD, (prompt_lens_P - 1)[:, None, None], axis=1)
-  logits_PxV = llama.logits_from_hidden(params, config, last_PxD)[:, 0]
   in_prompt_PxT = jnp.arange(length) < prompt_lens_P[:, None]
   prompt_mask_PxV = jnp.zeros((num_prompts, config.vocab_size), bool).at[
       jnp.arange(num_prompts)[:, None], jnp.where(in_prompt_PxT, tokens_PxT, config.vocab_size)
@@ -96,11 +112,7 @@ def _prefill(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B, 
 
 
 def _decode(params, state, sampling, until_step, *, config):
-  def tokens_to_logits(tokens_B, positions_B, cache):
-    logits, cache = llama.forward(params, config, tokens_B[:, None], positions_B[:, None], cache)
-    return logits[:, 0], cache
-
-  return loop.decode(tokens_to_logits, state, sampling, until_step)
+  return loop.decode(decode_step_fn(params, config), state, sampling, until_step)
 
 
 _PREFILL = jax.jit(_prefill,
