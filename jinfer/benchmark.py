@@ -439,6 +439,41 @@ def run_benchmark(model, cfg: BenchConfig, peers: Sequence[str] = ("transformers
           "speedup": speedup(rows)}
 
 
+def bench_beam_search(model, prompt_ids: Sequence[int], widths: Sequence[int], new_tokens: int,
+                      repeats: int = 2, log: Callable[[str], None] = print) -> list[dict]:
+  """Wall time of one beam search (EOS ignored, so every width runs `new_tokens` steps).
+
+  Each row: width, seconds (best of `repeats` after a compiling warm-up), tokens/s counting the
+  width x new_tokens tokens scored, and cost relative to the first width.
+  """
+  import jinfer  # pylint: disable=g-import-not-at-top
+  rows = []
+  for width in widths:
+    log(f"jinfer beam search width {width} ...")
+    params = jinfer.BeamSearchParams(beam_width=width, max_tokens=new_tokens, ignore_eos=True,
+                                     early_stopping=True)
+    jinfer.beam_search(model, [list(prompt_ids)], params)  # compile
+    best = min(_timed(lambda: jinfer.beam_search(model, [list(prompt_ids)], params))
+               for _ in range(repeats))
+    rows.append({"width": width, "seconds": best, "beam_tok_s": width * new_tokens / best})
+  for row in rows:
+    row["relative_cost"] = row["seconds"] / rows[0]["seconds"]
+  return rows
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def format_beam_table(rows: Sequence[dict]) -> str:
+  lines = ["| beam width | seconds | beam tokens/s | cost vs first |", "|---|---|---|---|"]
+  lines += [f"| {r['width']} | {r['seconds']:.2f} | {r['beam_tok_s']:.1f} | "
+            f"{r['relative_cost']:.2f}x |" for r in rows]
+  return "\n".join(lines)
+
+
 def report(results: dict[str, Any]) -> str:
   """The printed report: machine facts, table, skipped peers and the speedup line."""
   rows = [Row(**r) for r in results["rows"]]
@@ -449,6 +484,9 @@ def report(results: dict[str, Any]) -> str:
            "batch", "", format_table(rows, cfg["bandwidth_gbps"]), ""]
   parts += [f"{name}: skipped: {why}" for name, why in results["skipped"].items()]
   parts.append(speedup_line(rows))
+  if results.get("beam_search"):
+    parts += ["", f"beam search, float32, batch 1, {cfg['new_tokens']} tokens:",
+              format_beam_table(results["beam_search"])]
   return "\n".join(parts)
 
 
@@ -468,6 +506,8 @@ _BANDWIDTH_GBPS = flags.DEFINE_float(
     "bandwidth_gbps", 30.0, "Memory bandwidth for the batch-1 roofline (30 GB/s on the 2-core "
     "dev machine, see FACTS.md).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+_BEAM_WIDTHS = flags.DEFINE_list("beam_widths", [],
+                                 "Also time beam search at these widths (e.g. 1,2,4,8).")
 
 
 def main(argv):
@@ -484,6 +524,9 @@ def main(argv):
   ctx = PeerContext(kind, str(path),
                     tuple(build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
   results = run_benchmark(model, cfg, _PEERS.value, ctx)
+  if _BEAM_WIDTHS.value:
+    results["beam_search"] = bench_beam_search(
+        model, ctx.prompt_ids, [int(w) for w in _BEAM_WIDTHS.value], cfg.new_tokens, cfg.repeats)
   print(report(results))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:

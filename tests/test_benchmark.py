@@ -94,3 +94,11 @@ def test_speedup_and_table_from_rows():
   assert "2.00x" in benchmark.speedup_line([ours, theirs])
   table = benchmark.format_table([ours, theirs], 30.0)
   assert "| transformers | float32 | 1 | - |" in table
+
+
+def test_beam_search_cost_rows(tiny_model):
+  rows = benchmark.bench_beam_search(tiny_model, [1, 2, 3, 4], widths=[1, 2], new_tokens=4,
+                                     repeats=1, log=lambda _: None)
+  assert [r["width"] for r in rows] == [1, 2] and rows[0]["relative_cost"] == 1.0
+  assert all(r["seconds"] > 0 and math.isfinite(r["beam_tok_s"]) for r in rows)
+  assert "| 2 |" in benchmark.format_beam_table(rows)
