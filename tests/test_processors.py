@@ -10,7 +10,8 @@ import pytest
 import jinfer
 from jinfer.decoding import loop
 from jinfer.decoding.generate import generate_with_stats
-from jinfer.decoding.sampling import SamplingArrays, SamplingParams, process_logits, sample
+from jinfer.decoding.sampling import (SamplingArrays, SamplingParams, bad_word_mask,
+                                      process_logits, sample)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 V = 8
@@ -27,8 +28,9 @@ def _process(logits, params, counts=None, prompt_mask=None, generated=None, stop
   counts = jnp.zeros((b, V), jnp.int32) if counts is None else jnp.asarray(counts)
   prompt_mask = jnp.zeros((b, V), bool) if prompt_mask is None else jnp.asarray(prompt_mask)
   generated = jnp.zeros((b,), jnp.int32) if generated is None else jnp.asarray(generated)
-  return np.asarray(process_logits(logits, _arrays(params, stop_ids), counts, prompt_mask,
-                                   generated))
+  s = _arrays(params, stop_ids)
+  recent = jnp.full((b, s.bad_prefix_BxWxR.shape[-1]), -1, jnp.int32)
+  return np.asarray(process_logits(logits, s, counts, prompt_mask, generated, recent))
 
 
 def test_logit_bias_and_allowed_token_ids():
@@ -38,6 +40,32 @@ def test_logit_bias_and_allowed_token_ids():
   np.testing.assert_array_equal(out[0], [0, 0, 0, 2.5, 0, -1.0, 0, 0])
   np.testing.assert_array_equal(out[1], [-np.inf, 0, -np.inf, -np.inf, -np.inf, -np.inf, 1.0,
                                          -np.inf])
+
+
+def test_bad_word_mask_bans_the_last_token_after_its_prefix():
+  s = SamplingArrays.from_params([SamplingParams()] * 2, [0, 0], [[], []], V,
+                                 bad_word_ids=[[[3], [1, 2, 5]], [[4, 6]]])
+  assert s.bad_prefix_BxWxR.shape == (2, 2, 2)
+  recent = jnp.asarray([[1, 2], [0, 4]])
+  mask = np.asarray(bad_word_mask(s, recent, V))
+  assert np.flatnonzero(mask[0]).tolist() == [3, 5]  # 3 always; 5 after 1, 2
+  assert np.flatnonzero(mask[1]).tolist() == [6]  # 6 after 4
+  mask = np.asarray(bad_word_mask(s, jnp.asarray([[2, 1], [4, 0]]), V))
+  assert np.flatnonzero(mask[0]).tolist() == [3] and not mask[1].any()
+
+
+def test_bad_words_never_appear_in_the_output(tiny_model):
+  ab = [ord("a"), ord("b")]
+  free = jinfer.generate(tiny_model, ["xyz"], SamplingParams(
+      max_tokens=24, temperature=1.0, seed=3, ignore_eos=True, allowed_token_ids=ab))[0]
+  assert "ab" in free.text  # the test would be empty otherwise
+  out = jinfer.generate(tiny_model, ["xyz"], SamplingParams(
+      max_tokens=24, temperature=1.0, seed=3, ignore_eos=True, allowed_token_ids=ab,
+      bad_words=["ab"]))[0]
+  assert "ab" not in out.text and len(out.token_ids) == 24
+  only_b = jinfer.generate(tiny_model, ["xyz"], SamplingParams(
+      max_tokens=8, temperature=0, ignore_eos=True, allowed_token_ids=ab, bad_words="a"))[0]
+  assert only_b.text == "b" * 8
 
 
 def test_min_tokens_masks_stop_tokens_until_reached():
@@ -174,7 +202,8 @@ def test_processors_validate_their_values(tiny_model):
                     (dict(repetition_penalty=0), "repetition_penalty"),
                     (dict(presence_penalty=3), "presence_penalty"), (dict(logprobs=99), "logprobs"),
                     (dict(logprobs_mode="x"), "logprobs_mode"), (dict(stop=[""]), "stop"),
-                    (dict(allowed_token_ids=[]), "allowed_token_ids")]:
+                    (dict(allowed_token_ids=[]), "allowed_token_ids"),
+                    (dict(bad_words=[" "]), "bad_words")]:
     with pytest.raises(jinfer.InvalidRequestError, match=word):
       SamplingParams(**bad)
   with pytest.raises(jinfer.InvalidRequestError, match="outside the vocabulary"):

@@ -63,10 +63,25 @@ class GenerationStats:
   decode_s: float = 0.0
   prompt_tokens: int = 0
   generated_tokens: int = 0  # excludes each sequence's first token, which prefill produces
+  # Speculative decoding only (zero otherwise): drafts proposed, drafts the target accepted, and
+  # target forwards in the decode loop, summed over sequences.
+  draft_tokens: int = 0
+  accepted_tokens: int = 0
+  target_forwards: int = 0
 
   @property
   def decode_tokens_per_s(self) -> float:
     return self.generated_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted_tokens / self.draft_tokens if self.draft_tokens else float("nan")
+
+  @property
+  def tokens_per_target_forward(self) -> float:
+    """Generated tokens (past the first) per decode-loop target forward."""
+    return (self.generated_tokens / self.target_forwards if self.target_forwards
+            else float("nan"))
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -197,6 +212,13 @@ def _stop_ids(model, p: SamplingParams) -> list[int]:
   return list(p.stop_token_ids) + eos
 
 
+def _bad_word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
+  """Each bad word's token ids as vLLM forms them: the word alone and after a space."""
+  variants = {tuple(tokenizer.encode(text, add_bos=False)) for word in words
+              for text in (word, " " + word.lstrip())}
+  return [list(ids) for ids in sorted(variants) if ids]
+
+
 def _prepare(model, prompts, params) -> _Batch:
   prompt_ids = _encode_prompts(model, prompts)
   params = _per_prompt_params(params, len(prompt_ids))
@@ -219,7 +241,8 @@ def _prepare(model, prompts, params) -> _Batch:
            for r in padded]
   sampling = SamplingArrays.from_params(
       [r.params for r in padded], seeds, [r.stop_ids for r in padded], model.config.vocab_size,
-      sample_index=[r.index for r in padded])
+      sample_index=[r.index for r in padded],
+      bad_word_ids=[_bad_word_ids(model.tokenizer, r.params.bad_words) for r in padded])
   return _Batch(prompt_ids, rows, tokens_PxT, prompt_lens_P,
                 np.asarray([r.prompt for r in padded], np.int32), sampling,
                 np.arange(batch) >= len(rows), bucket(max(p.max_tokens for p in params)),
@@ -337,8 +360,12 @@ def _completion(model, b: _Batch, state, i: int, text: _RowText) -> Completion:
 
 def generate_with_stats(model, prompts: Sequence[Prompt],
                         params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
-                        steps_per_chunk: int = 16) -> tuple[list[Completion], GenerationStats]:
-  """`generate`, also returning compile, prefill and decode timings."""
+                        steps_per_chunk: int = 16, speculative=None,
+                        ) -> tuple[list[Completion], GenerationStats]:
+  """`generate`, also returning compile, prefill and decode timings (and acceptance stats)."""
+  if speculative is not None:
+    from jinfer.decoding import speculative as spec  # pylint: disable=g-import-not-at-top
+    return spec.generate_with_stats(model, prompts, params, speculative)
   stats = GenerationStats()
   b = _prepare(model, prompts, params)
   texts = [_RowText(model.tokenizer, r.params.stop) for r in b.rows]
@@ -349,14 +376,15 @@ def generate_with_stats(model, prompts: Sequence[Prompt],
 
 
 def generate(model, prompts: Sequence[Prompt],
-             params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-             ) -> list[Completion]:
+             params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
+             speculative=None) -> list[Completion]:
   """Completes each prompt (a string or a list of token ids) with its SamplingParams.
 
   Returns one Completion per sequence: prompt order, and a prompt's n samples next to each
-  other (`Completion.index` numbers them).
+  other (`Completion.index` numbers them). `speculative=jinfer.SpeculativeConfig(...)` decodes
+  speculatively (same output distribution; greedy output equals plain greedy decoding).
   """
-  return generate_with_stats(model, prompts, params)[0]
+  return generate_with_stats(model, prompts, params, speculative=speculative)[0]
 
 
 def generate_stream(model, prompts: Sequence[Prompt],

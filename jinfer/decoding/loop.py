@@ -44,10 +44,18 @@ def _reported_log_probs(raw_BxV, processed_BxV, s: SamplingArrays) -> jax.Array:
   return jax.lax.cond(jnp.any(s.processed_logprobs), with_processed, lambda _: raw, None)
 
 
+def _recent_tokens(state: DecodeState, count: int) -> jax.Array:
+  """[B, count]: the last `count` generated tokens, right-aligned, PAD_TOKEN before the first."""
+  batch = state.tokens_BxL.shape[0]
+  padded = jnp.concatenate([jnp.full((batch, count), PAD_TOKEN, jnp.int32), state.tokens_BxL], 1)
+  return jax.lax.dynamic_slice(padded, (0, state.step), (batch, count))
+
+
 def _record(state: DecodeState, logits_BxV, sampling: SamplingArrays) -> DecodeState:
   """Samples the token at `state.step` for rows still running and updates their done flags."""
   processed_BxV = process_logits(logits_BxV, sampling, state.output_counts_BxV,
-                                 state.prompt_mask_BxV, state.num_generated_B)
+                                 state.prompt_mask_BxV, state.num_generated_B,
+                                 _recent_tokens(state, sampling.bad_prefix_BxWxR.shape[-1]))
   tokens_B = sample(processed_BxV, sampling, state.step)
   log_probs_BxV = _reported_log_probs(logits_BxV, processed_BxV, sampling)
   active_B = ~state.done_B

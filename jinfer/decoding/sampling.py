@@ -26,7 +26,9 @@ class SamplingParams:
 
   Sequences end at `max_tokens`, at a stop token (the tokenizer's EOS ids unless `ignore_eos`,
   plus `stop_token_ids`) or when the text contains a `stop` string (trimmed from the output).
-  Logits processors run in this order: `logit_bias` and `allowed_token_ids`, `min_tokens` (stop
+  Logits processors run in this order: `logit_bias`, `allowed_token_ids` and `bad_words` (as
+  vLLM: each word with and without a leading space; the last token of a word is banned when the
+  tokens generated so far end with the rest of it), `min_tokens` (stop
   tokens masked until that many were generated), `repetition_penalty` (transformers': seen
   tokens' positive logits divided by it, negative ones multiplied), `frequency_penalty` and
   `presence_penalty` (OpenAI's: minus penalty x count, and minus penalty if present, counting
@@ -49,6 +51,7 @@ class SamplingParams:
   presence_penalty: float = 0.0
   logit_bias: Optional[Mapping[int, float]] = None
   allowed_token_ids: Optional[Sequence[int]] = None
+  bad_words: tuple[str, ...] = ()
   seed: Optional[int] = None
   stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
@@ -59,6 +62,10 @@ class SamplingParams:
   def __post_init__(self):
     stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
     object.__setattr__(self, "stop", stop)
+    bad_words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words or ())
+    object.__setattr__(self, "bad_words", bad_words)
+    _check(all(isinstance(w, str) and w.strip() for w in bad_words),
+           f"bad_words must be non-blank strings, got {bad_words!r}.")
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
     _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
     _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
@@ -116,13 +123,18 @@ class SamplingArrays:
   processed_logprobs: jax.Array  # bool: report logprobs of the processed distribution
   logit_bias_BxV: jax.Array  # logit_bias, and -inf outside allowed_token_ids
   stop_mask_BxV: jax.Array  # bool: the tokens that end each row's sequence
+  bad_prefix_BxWxR: jax.Array  # each bad word but its last token, right-aligned; ANY pads
+  bad_last_BxW: jax.Array  # each bad word's last token; -1 for padding words
   rng_keys: jax.Array  # [B] typed PRNG keys, one per row
 
   @classmethod
   def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
                   stop_ids: Sequence[Sequence[int]], vocab_size: int,
-                  sample_index: Optional[Sequence[int]] = None) -> "SamplingArrays":
-    """`stop_ids[b]` end row b; `sample_index[b]` tells apart the n samples of one prompt."""
+                  sample_index: Optional[Sequence[int]] = None,
+                  bad_word_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+                  ) -> "SamplingArrays":
+    """`stop_ids[b]` end row b; `sample_index[b]` tells apart the n samples of one prompt;
+    `bad_word_ids[b]` are row b's bad words as token-id sequences."""
     column = lambda name, dtype: jnp.asarray([getattr(p, name) for p in params], dtype)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     if sample_index is not None and any(sample_index):
@@ -139,7 +151,40 @@ class SamplingArrays:
         processed_logprobs=jnp.asarray([p.logprobs_mode == "processed" for p in params]),
         logit_bias_BxV=jnp.asarray(np.stack([_bias_row(p, vocab_size) for p in params])),
         stop_mask_BxV=jnp.asarray(np.stack([_mask_row(ids, vocab_size) for ids in stop_ids])),
+        **_bad_word_arrays(bad_word_ids or [[]] * len(params)),
         rng_keys=keys)
+
+
+ANY_TOKEN = -2  # matches every token in a bad word's right-aligned prefix
+
+
+def _bad_word_arrays(words_per_row: Sequence[Sequence[Sequence[int]]]) -> dict[str, jax.Array]:
+  """Pads bad words to [B, W, R] prefixes and [B, W] last tokens (W, R powers of two or 0)."""
+  num_words = max(map(len, words_per_row))
+  num_words = 0 if num_words == 0 else 1 << (num_words - 1).bit_length()
+  longest = max((len(w) for words in words_per_row for w in words), default=1)
+  prefix_len = 0 if longest <= 1 else 1 << (longest - 2).bit_length()
+  prefix = np.full((len(words_per_row), num_words, prefix_len), ANY_TOKEN, np.int32)
+  last = np.full((len(words_per_row), num_words), -1, np.int32)
+  for b, words in enumerate(words_per_row):
+    for w, ids in enumerate(words):
+      last[b, w] = ids[-1]
+      if len(ids) > 1:
+        prefix[b, w, prefix_len - len(ids) + 1:] = ids[:-1]
+  return {"bad_prefix_BxWxR": jnp.asarray(prefix), "bad_last_BxW": jnp.asarray(last)}
+
+
+def bad_word_mask(s: SamplingArrays, recent_BxR: jax.Array, vocab: int) -> jax.Array:
+  """[B, V] bool: tokens that would complete a bad word after the recent tokens."""
+  batch, num_words = s.bad_last_BxW.shape
+  if num_words == 0:
+    return jnp.zeros((batch, vocab), bool)
+  prefix = s.bad_prefix_BxWxR
+  same_BxWxR = (prefix == ANY_TOKEN) | (prefix == recent_BxR[:, None, :])
+  matches_BxW = jnp.all(same_BxWxR, axis=-1) & (s.bad_last_BxW >= 0)
+  banned = jnp.where(matches_BxW, s.bad_last_BxW, vocab)
+  return jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], banned].set(
+      True, mode="drop")
 
 
 def _mask_row(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -159,9 +204,15 @@ def _bias_row(p: SamplingParams, vocab_size: int) -> np.ndarray:
 
 
 def process_logits(logits_BxV: jax.Array, s: SamplingArrays, output_counts_BxV: jax.Array,
-                   prompt_mask_BxV: jax.Array, num_generated_B: jax.Array) -> jax.Array:
-  """Applies bias, min_tokens and the penalties (see SamplingParams for the semantics)."""
+                   prompt_mask_BxV: jax.Array, num_generated_B: jax.Array,
+                   recent_BxR: jax.Array) -> jax.Array:
+  """Applies bias, bad words, min_tokens and the penalties (semantics: SamplingParams).
+
+  `recent_BxR` holds each row's last R generated tokens (R as in `s.bad_prefix_BxWxR`),
+  right-aligned, with -1 where fewer were generated.
+  """
   logits = logits_BxV.astype(jnp.float32) + s.logit_bias_BxV
+  logits = jnp.where(bad_word_mask(s, recent_BxR, logits.shape[-1]), -jnp.inf, logits)
   too_early_B = num_generated_B < s.min_tokens
   logits = jnp.where(too_early_B[:, None] & s.stop_mask_BxV, -jnp.inf, logits)
   seen = prompt_mask_BxV | (output_counts_BxV > 0)
