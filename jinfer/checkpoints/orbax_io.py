@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 Params = dict[str, Any]
 
 FORMAT = "jinfer-orbax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bump when the params layout (models/llama.py pack_layer) changes
 CONFIG_FILE = "jinfer_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
