@@ -1,5 +1,7 @@
 """Exceptions raised by jinfer. Each message names the problem and the fix."""
 
+import numpy as np
+
 
 class JinferError(Exception):
   """Base class for every error jinfer raises on purpose."""
@@ -23,3 +25,14 @@ class UnknownModelError(JinferError):
 
 class InvalidRequestError(JinferError, ValueError):
   """A sampling parameter or prompt is out of range."""
+
+
+def check_request(ok: bool, message: str) -> None:
+  """Raises InvalidRequestError(message) unless `ok`: for validating request values."""
+  if not ok:
+    raise InvalidRequestError(message)
+
+
+def is_integer(x) -> bool:
+  """True for Python and numpy integers, not bools."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

@@ -17,7 +17,7 @@ import numpy as np
 
 from jinfer.errors import CheckpointError, UnsupportedArchitectureError
 from jinfer.models import llama
-from jinfer.models.config import LlamaConfig, RopeScaling
+from jinfer.models.config import LlamaConfig, RopeScaling, config_from_fields
 
 if TYPE_CHECKING:
   from jinfer.tokenizers import Tokenizer
@@ -102,7 +102,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
         "GGUF has an attention output bias (blk.*.attn_output.bias); jinfer's Llama-family "
         "model has none. Use a model without an output-projection bias.")
   rope_theta = _f32(_field(reader, key("rope.freq_base"), 10_000.0))
-  return _make_config(
+  return config_from_fields(
       "GGUF metadata",
       vocab_size=_vocab_size(reader, arch),
       d_model=d_model,
@@ -119,13 +119,6 @@ def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
       max_seq_len=int(_field(reader, key("context_length"), 2048)),
       architecture=arch,
   )
-
-
-def _make_config(source: str, **fields: Any) -> LlamaConfig:
-  try:
-    return LlamaConfig(**fields)
-  except ValueError as e:  # LlamaConfig's own consistency checks.
-    raise CheckpointError(f"{source} describes an invalid model: {e}") from e
 
 
 def _vocab_size(reader: gguf.GGUFReader, arch: str) -> int:

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from jinfer.errors import CheckpointError, UnsupportedArchitectureError
 from jinfer.models import llama
-from jinfer.models.config import LlamaConfig, RopeScaling
+from jinfer.models.config import LlamaConfig, RopeScaling, config_from_fields
 
 if TYPE_CHECKING:
   from jinfer.tokenizers import Tokenizer
@@ -81,7 +81,7 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
   d_model = int(hf["hidden_size"])
   n_heads = int(hf["num_attention_heads"])
   rope_theta, rope_scaling = _rope(hf)
-  return _make_config(
+  return config_from_fields(
       "config.json",
       vocab_size=int(hf["vocab_size"]),
       d_model=d_model,
@@ -99,13 +99,6 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
       max_seq_len=int(hf.get("max_position_embeddings", 2048)),
       architecture=model_type,
   )
-
-
-def _make_config(source: str, **fields: Any) -> LlamaConfig:
-  try:
-    return LlamaConfig(**fields)
-  except ValueError as e:  # LlamaConfig's own consistency checks.
-    raise CheckpointError(f"{source} describes an invalid model: {e}") from e
 
 
 def _check_features(hf: dict[str, Any], model_type: str) -> None:

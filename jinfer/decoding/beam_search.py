@@ -33,7 +33,7 @@ import numpy as np
 from jinfer.decoding.generate import (_COMPILED, GenerationStats, Prompt, _encode_prompts,
                                       _stop_ids, bucket, decode_step_fn, prefill_logits)
 from jinfer.decoding.loop import PAD_TOKEN, TokensToLogits
-from jinfer.errors import InvalidRequestError
+from jinfer.errors import InvalidRequestError, check_request, is_integer
 
 # transformers' "impossible" score. Added rather than -inf so that sums stay finite and ordered.
 NEG = -1.0e9
@@ -59,22 +59,22 @@ class BeamSearchParams:
 
   def __post_init__(self):
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-    _check(_is_int(self.beam_width) and self.beam_width >= 1,
+    check_request(is_integer(self.beam_width) and self.beam_width >= 1,
            f"beam_width must be an integer >= 1, got {self.beam_width!r}.")
-    _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
+    check_request(is_integer(self.max_tokens) and self.max_tokens >= 1,
            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
-    _check(isinstance(self.length_penalty, (int, float, np.floating))
+    check_request(isinstance(self.length_penalty, (int, float, np.floating))
            and not isinstance(self.length_penalty, bool) and np.isfinite(self.length_penalty),
            f"length_penalty must be a finite number (1.0 averages log-probabilities per token, "
            f"0.0 sums them), got {self.length_penalty!r}.")
-    _check(any(self.early_stopping is mode for mode in (True, False))
+    check_request(any(self.early_stopping is mode for mode in (True, False))
            or self.early_stopping == "never",
            f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
-    _check(_is_int(self.num_return_sequences)
+    check_request(is_integer(self.num_return_sequences)
            and 1 <= self.num_return_sequences <= self.beam_width,
            f"num_return_sequences must be an integer in [1, beam_width={self.beam_width}], got "
            f"{self.num_return_sequences!r}; raise beam_width or return fewer sequences.")
-    _check(isinstance(self.ignore_eos, bool),
+    check_request(isinstance(self.ignore_eos, bool),
            f"ignore_eos must be a bool, got {self.ignore_eos!r}.")
 
 
@@ -87,15 +87,6 @@ class BeamSequence:
   cumulative_logprob: float  # sum of the generated tokens' log-probabilities
   score: float  # cumulative_logprob / len(token_ids) ** length_penalty
   finish_reason: str
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise InvalidRequestError(message)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -299,7 +290,7 @@ def beam_search(model, prompts: Sequence[Prompt],
           "max_tokens.")
   stop_ids = sorted(set(_stop_ids(model, params)))
   bad = [t for t in stop_ids if not 0 <= t < model.config.vocab_size]
-  _check(not bad, f"stop_token_ids {bad[:5]} are outside the vocabulary "
+  check_request(not bad, f"stop_token_ids {bad[:5]} are outside the vocabulary "
                   f"[0, {model.config.vocab_size}).")
   tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids)
   capacity = bucket(params.max_tokens)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.errors import InvalidRequestError
+from jinfer.errors import check_request, is_integer
 
 
 LOGPROBS_MODES = ("raw", "processed")
@@ -64,47 +64,38 @@ class SamplingParams:
     object.__setattr__(self, "stop", stop)
     bad_words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words or ())
     object.__setattr__(self, "bad_words", bad_words)
-    _check(all(isinstance(w, str) and w.strip() for w in bad_words),
+    check_request(all(isinstance(w, str) and w.strip() for w in bad_words),
            f"bad_words must be non-blank strings, got {bad_words!r}.")
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-    _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
-    _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
+    check_request(is_integer(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
+    check_request(is_integer(self.max_tokens) and self.max_tokens >= 1,
            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
-    _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+    check_request(is_integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
            f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
            f"got {self.min_tokens!r}.")
-    _check(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-    _check(self.top_k >= 0 or self.top_k == -1,
+    check_request(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+    check_request(self.top_k >= 0 or self.top_k == -1,
            f"top_k must be >= 1, or 0 / -1 to disable it, got {self.top_k}.")
-    _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
-    _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}.")
-    _check(self.repetition_penalty > 0,
+    check_request(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+    check_request(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}.")
+    check_request(self.repetition_penalty > 0,
            f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
     for name in ("frequency_penalty", "presence_penalty"):
-      _check(-2 <= getattr(self, name) <= 2, f"{name} must be in [-2, 2], got {getattr(self, name)}.")
-    _check(self.seed is None or _is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}.")
-    _check(all(isinstance(x, str) and x for x in stop), f"stop must be non-empty strings, got {stop!r}.")
-    _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+      check_request(-2 <= getattr(self, name) <= 2, f"{name} must be in [-2, 2], got {getattr(self, name)}.")
+    check_request(self.seed is None or is_integer(self.seed), f"seed must be an integer or None, got {self.seed!r}.")
+    check_request(all(isinstance(x, str) and x for x in stop), f"stop must be non-empty strings, got {stop!r}.")
+    check_request(self.logprobs is None or (is_integer(self.logprobs) and 0 <= self.logprobs <= 20),
            f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}.")
-    _check(self.logprobs_mode in LOGPROBS_MODES,
+    check_request(self.logprobs_mode in LOGPROBS_MODES,
            f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}.")
-    _check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+    check_request(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
            "allowed_token_ids must not be empty; pass None to allow every token.")
 
   def check_vocab(self, vocab_size: int) -> None:
     """Token ids in the request must exist in the model's vocabulary."""
     ids = list(self.stop_token_ids) + list(self.logit_bias or ()) + list(self.allowed_token_ids or ())
     bad = [t for t in ids if not 0 <= int(t) < vocab_size]
-    _check(not bad, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise InvalidRequestError(message)
+    check_request(not bad, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
 
 
 @flax.struct.dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from jinfer.errors import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -46,6 +48,14 @@ class LlamaConfig:
   def group_size(self) -> int:
     """Query heads per KV head (1 for MHA, n_heads for MQA)."""
     return self.n_heads // self.n_kv_heads
+
+
+def config_from_fields(source: str, **fields) -> LlamaConfig:
+  """A LlamaConfig read from a checkpoint; inconsistent fields become a CheckpointError."""
+  try:
+    return LlamaConfig(**fields)
+  except ValueError as e:  # LlamaConfig's own consistency checks.
+    raise CheckpointError(f"{source} describes an invalid model: {e}") from e
 
 
 SMOLLM2_135M = LlamaConfig(
