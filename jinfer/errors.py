@@ -36,3 +36,7 @@ def check_request(ok: bool, message: str) -> None:
 def is_integer(x) -> bool:
   """True for Python and numpy integers, not bools."""
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+class CacheFullError(JinferError):
+  """The paged KV cache has fewer free pages than a request needs."""

@@ -1,0 +1,170 @@
+"""Paged KV cache: a shared pool of fixed-size pages plus a page table per sequence.
+
+Sequences grow, share and free their KV memory page by page (`page_allocator.PageAllocator` does
+the host-side bookkeeping); the device holds the pool and, per batch row, a page table and a
+length. Token i of row b lives in page `page_tables[b, i // S_page]` at slot `i % S_page`.
+
+Layout of each layer's pool: k_pages / v_pages [K, P, S_page, H] (KV heads, pages, tokens in a
+page, head dim), the layout of JAX's Pallas paged attention kernels
+(`jax.experimental.pallas.ops.tpu.paged_attention` and `.gpu.paged_attention` both take
+k_pages [num_kv_heads, total_num_pages, page_size, head_dim]), so the kernel can take our pool
+as it is. Why this order:
+- One (head, page) block is a contiguous [S_page, H] tile, the unit a kernel fetches per grid
+  step. On TPU its last two dims map onto (sublanes, lanes) of a vreg/VMEM tile: S_page a
+  multiple of 8 (16 for bfloat16) and H a multiple of 128 tile natively with no relayout.
+  H = 64 (SmolLM2) fills half the lanes: the compiled kernel needs it padded to 128 (or two
+  heads packed per tile); interpret mode and the XLA path below accept any H.
+- On GPU, consecutive threads of a warp read consecutive elements of one H-vector, and the
+  S_page vectors of a page follow each other, so a page is read with fully coalesced,
+  sequential transactions (vLLM's CUDA kernel gets the same effect with
+  [num_blocks, K, H/x, block, x] keys; its FlashAttention backend uses [P, S_page, K, H]).
+- KV heads outermost: sharding KV heads over devices (tensor parallelism) slices the leading
+  dim, so each device's shard is itself a contiguous [K/d, P, S_page, H] pool and page ids mean
+  the same on every device. The page-major alternative ([P, S_page, K, H], vLLM flash and JAX's
+  ragged_paged_attention, which also interleaves K and V) makes one page of all heads one DMA,
+  which helps when K is tiny; the per-head tile above is what the decode kernels here are
+  written against.
+
+`write` and `keys_values` mirror `KVCache`, so `llama.forward` drives either cache unchanged.
+`keys_values` gathers each row's pages into a contiguous [B, K, S, H] view: the pure-XLA
+reference path, which the Pallas paged-attention kernel replaces by reading pages in place.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.cache.page_allocator import NO_PAGE
+from jinfer.models.config import LlamaConfig
+
+IntArray = Union[jax.Array, np.ndarray, Sequence[int]]
+
+
+@flax.struct.dataclass
+class PagedKVCache:
+  """Per-layer page pools, the page table and length of every batch row.
+
+  `lengths[b]` is one past the highest position row b has written (write advances it; the host
+  may set it with `with_page_tables`). Slots at or past it, and page-table entries equal to
+  NO_PAGE, are never read: `keys_values` returns zeros there, so stale or uninitialised pages
+  cannot leak into attention even as 0 * NaN.
+  """
+
+  k_pages: tuple[jax.Array, ...]  # per layer: [K, P, S_page, H]
+  v_pages: tuple[jax.Array, ...]  # per layer: [K, P, S_page, H]
+  page_tables: jax.Array  # [B, max_pages_per_seq] int32 page ids, NO_PAGE where unused
+  lengths: jax.Array  # [B] int32 tokens cached per row
+
+  @classmethod
+  def init(cls, config: LlamaConfig, num_pages: int, page_size: int, batch: int,
+           max_pages_per_seq: int, dtype=jnp.float32) -> "PagedKVCache":
+    """A zeroed pool of `num_pages` pages of `page_size` tokens; every row empty (no pages)."""
+    if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
+      raise ValueError(
+          f"num_pages ({num_pages}), page_size ({page_size}) and max_pages_per_seq "
+          f"({max_pages_per_seq}) must all be at least 1.")
+    shape = (config.n_kv_heads, num_pages, page_size, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return cls(k_pages=zeros, v_pages=zeros,
+               page_tables=jnp.full((batch, max_pages_per_seq), NO_PAGE, jnp.int32),
+               lengths=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def num_pages(self) -> int:
+    return self.k_pages[0].shape[1]
+
+  @property
+  def page_size(self) -> int:
+    return self.k_pages[0].shape[2]
+
+  @property
+  def max_pages_per_seq(self) -> int:
+    return self.page_tables.shape[1]
+
+  @property
+  def max_len(self) -> int:
+    """Positions a row can address: S of the `keys_values` view."""
+    return self.max_pages_per_seq * self.page_size
+
+  def with_page_tables(self, page_tables: IntArray, lengths: IntArray) -> "PagedKVCache":
+    """The same pool with new page tables [B, max_pages_per_seq] and lengths [B] (from the host)."""
+    page_tables = jnp.asarray(page_tables, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if page_tables.ndim != 2 or lengths.shape != page_tables.shape[:1]:
+      raise ValueError(
+          f"page_tables must be [B, max_pages_per_seq] and lengths [B]; got "
+          f"{page_tables.shape} and {lengths.shape}. Pad short tables with NO_PAGE "
+          f"(page_allocator.page_table_array does).")
+    return self.replace(page_tables=page_tables, lengths=lengths)
+
+  def write(self, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+            positions_BxT: jax.Array) -> "PagedKVCache":
+    """Stores new keys/values of `layer` in their rows' pages and advances `lengths`.
+
+    A position outside [0, max_len) or in a page-table entry holding NO_PAGE is dropped (so
+    padding tokens may use any out-of-range position). Rows must not write to a page another row
+    holds: make it private first (`PageAllocator.writable` + `copy_pages`).
+    """
+    page_BxT, slot_BxT, valid_BxT = self._locate(positions_BxT)
+    # Dropped writes go to page id P, out of bounds, which mode="drop" skips.
+    page_BxT = jnp.where(valid_BxT, page_BxT, self.num_pages)
+    heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [B, T, K, H] -> [K, B, T, H]
+    # Adjacent advanced indices: the update is indexed [K, B, T, H].
+    k_layer = self.k_pages[layer].at[:, page_BxT, slot_BxT].set(
+        heads_first(k_BxTxKxH).astype(self.k_pages[layer].dtype), mode="drop")
+    v_layer = self.v_pages[layer].at[:, page_BxT, slot_BxT].set(
+        heads_first(v_BxTxKxH).astype(self.v_pages[layer].dtype), mode="drop")
+    written_B = jnp.max(jnp.where(valid_BxT, positions_BxT + 1, 0), axis=1)
+    return self.replace(k_pages=_replace_at(self.k_pages, layer, k_layer),
+                        v_pages=_replace_at(self.v_pages, layer, v_layer),
+                        lengths=jnp.maximum(self.lengths, written_B.astype(jnp.int32)))
+
+  def keys_values(self, layer: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (k [B,K,S,H], v [B,K,S,H], key positions [S]), S = max_len, gathered from pages.
+
+    Slots past a row's length or without a page read as zeros (the causal mask hides them).
+    """
+    b, m = self.page_tables.shape
+    has_page_BxM = (self.page_tables >= 0) & (self.page_tables < self.num_pages)
+    table_BxM = jnp.where(has_page_BxM, self.page_tables, 0)
+    positions_S = jnp.arange(self.max_len, dtype=jnp.int32)
+    readable_BxS = (jnp.repeat(has_page_BxM, self.page_size, axis=1)
+                    & (positions_S[None, :] < self.lengths[:, None]))
+
+    def gather(pages_KxPxSpxH: jax.Array) -> jax.Array:
+      kv_heads, _, page_size, h = pages_KxPxSpxH.shape
+      pages_KxBxMxSpxH = pages_KxPxSpxH[:, table_BxM]
+      seq_BxKxSxH = pages_KxBxMxSpxH.transpose(1, 0, 2, 3, 4).reshape(
+          b, kv_heads, m * page_size, h)
+      return jnp.where(readable_BxS[:, None, :, None], seq_BxKxSxH, 0)
+
+    return gather(self.k_pages[layer]), gather(self.v_pages[layer]), positions_S
+
+  def copy_pages(self, src: IntArray, dst: IntArray) -> "PagedKVCache":
+    """Copies whole pages src[i] -> dst[i] in every layer's K and V (for copy-on-write)."""
+    src_C = jnp.asarray(src, jnp.int32).reshape(-1)
+    dst_C = jnp.asarray(dst, jnp.int32).reshape(-1)
+    if src_C.shape != dst_C.shape:
+      raise ValueError(f"copy_pages needs as many sources as destinations; got "
+                       f"{src_C.shape[0]} and {dst_C.shape[0]}.")
+    copy = lambda pages: pages.at[:, dst_C].set(pages[:, src_C])
+    return self.replace(k_pages=tuple(copy(p) for p in self.k_pages),
+                        v_pages=tuple(copy(p) for p in self.v_pages))
+
+  def _locate(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(page id, slot in page, writable?) of each position of each row."""
+    in_range_BxT = (positions_BxT >= 0) & (positions_BxT < self.max_len)
+    safe_BxT = jnp.where(in_range_BxT, positions_BxT, 0)
+    rows_Bx1 = jnp.arange(self.page_tables.shape[0])[:, None]
+    page_BxT = self.page_tables[rows_Bx1, safe_BxT // self.page_size]
+    valid_BxT = in_range_BxT & (page_BxT >= 0) & (page_BxT < self.num_pages)
+    return page_BxT, safe_BxT % self.page_size, valid_BxT
+
+
+def _replace_at(items: tuple, index: int, value) -> tuple:
+  return items[:index] + (value,) + items[index + 1:]
