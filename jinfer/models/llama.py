@@ -8,7 +8,7 @@ heads, K KV heads, G query heads per KV head, H head dim, F MLP width, V vocabul
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.struct
 import jax
@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
+from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.models.config import LlamaConfig, RopeScaling
 
 Params = dict[str, Any]
+Cache = Union[KVCache, PagedKVCache]  # anything with write(layer, k, v, positions), keys_values
 _MASK_VALUE = -1e30
 
 
@@ -175,7 +177,7 @@ def _mlp_block(layer, x_BxTxD):
 
 
 def hidden_states(params: Params, config: LlamaConfig, tokens_BxT: jax.Array,
-                  positions_BxT: jax.Array, cache: Optional[KVCache] = None):
+                  positions_BxT: jax.Array, cache: Optional[Cache] = None):
   """Runs the decoder stack; returns the final-normed hidden states [B, T, D] and the cache."""
   rope = Rope.at(positions_BxT, rope_inverse_frequencies(config))
   x = params["embed"][tokens_BxT]
@@ -195,7 +197,7 @@ def logits_from_hidden(params: Params, config: LlamaConfig, h_BxTxD: jax.Array) 
 
 
 def forward(params: Params, config: LlamaConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-            cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+            cache: Optional[Cache] = None) -> tuple[jax.Array, Optional[Cache]]:
   """Logits [B, T, V] (float32) for `tokens` at `positions`, and the cache with their K/V written.
 
   With `cache=None` the tokens attend only to each other (a full forward pass); with a cache they
