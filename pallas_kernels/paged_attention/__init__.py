@@ -1,0 +1,56 @@
+"""Decode paged attention: Pallas kernels for TPU and GPU, and the XLA reference.
+
+`paged_attention` picks an implementation; the backend-specific wrappers take tuning values.
+Layout (jinfer.cache.paged_kv_cache): q [B, N, H], k/v pages [K, P, S_page, H], page_tables
+[B, M] int32 (NO_PAGE = -1 unused), lengths [B]; query head n uses KV head n // (N // K).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.paged_attention import validation
+from pallas_kernels.paged_attention.gpu import paged_attention_gpu
+from pallas_kernels.paged_attention.reference import ref_paged_attention
+from pallas_kernels.paged_attention.tpu import paged_attention_tpu
+
+__all__ = ["paged_attention", "paged_attention_gpu", "paged_attention_tpu",
+           "ref_paged_attention"]
+
+_BACKENDS = ("auto", "tpu", "gpu", "xla")
+
+
+def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str = "auto",
+                    interpret: bool | None = None, scale: float | None = None,
+                    soft_cap: float | None = None, sliding_window: int | None = None,
+                    **tuning) -> jax.Array:
+  """Decode attention of q [B, N, H] over paged K/V -> [B, N, H].
+
+  backend: "auto" uses the Pallas kernel of `jax.default_backend()` (tpu/gpu) and the XLA
+  reference elsewhere (CPU, ignoring tuning); "tpu"/"gpu" force a kernel (on CPU pass
+  interpret=True); "xla" is the reference.
+  interpret: run the kernel in Pallas interpret mode (any platform, slow; None means False:
+  a kernel never silently falls back to the interpreter).
+  tuning: backend keyword args (pages_per_block, num_splits, num_warps, num_stages).
+  """
+  if backend not in _BACKENDS:
+    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}.")
+  platform = jax.default_backend()
+  auto = backend == "auto"
+  if auto:
+    backend = platform if platform in ("tpu", "gpu") else "xla"
+  common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+  if backend == "xla":
+    if tuning and not auto:  # auto ignores kernel tuning so one call runs on every platform
+      raise ValueError(f"backend='xla' takes no tuning arguments; got {sorted(tuning)}.")
+    validation.check_inputs(q, k_pages, v_pages, page_tables, lengths, soft_cap=soft_cap,
+                            sliding_window=sliding_window)
+    return ref_paged_attention(q, k_pages, v_pages, page_tables, lengths, **common)
+  interpret = bool(interpret)
+  if platform != backend and not interpret:
+    raise ValueError(
+        f"backend={backend!r} kernel cannot compile on platform {platform!r}; pass "
+        f"interpret=True to run it in Pallas interpret mode, or use backend='xla'.")
+  kernel = paged_attention_tpu if backend == "tpu" else paged_attention_gpu
+  return kernel(q, k_pages, v_pages, page_tables, lengths, interpret=interpret, **common,
+                **tuning)

@@ -1,0 +1,162 @@
+"""TPU decode paged attention: one query token per row, K/V read in place from the page pool.
+
+Grid (B, K, page blocks). The page table and lengths are scalar-prefetched into SMEM and read
+by the K/V index_maps, so the pipeline DMAs exactly the pages a row uses: a block index past
+the row's last visible page (or before its sliding window) is clamped to the nearest visible
+page, which the pipeline sees as "same block as before" and does not fetch again; compute for
+such blocks is skipped with pl.when. The G query heads of one KV head form one [G, H] tile, so
+each K/V page is read once per group. Online softmax keeps the running max / sum / output in
+VMEM scratch across the page axis ("arbitrary"); batch and KV head are "parallel" (megacore).
+
+pages_per_block > 1 passes the pool that many times with one BlockSpec per page (pages of a
+row are not contiguous, so one BlockSpec cannot cover several), giving a [ppb * S_page, H] tile
+per step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.paged_attention import reference
+from pallas_kernels.paged_attention import validation
+
+
+def _page_span(length, lo, page_size: int):
+  """Logical pages [first, last] holding the visible positions [lo, length) (0, 0 if empty)."""
+  last = jnp.maximum(length - 1, 0) // page_size
+  return jnp.minimum(lo // page_size, last), last
+
+
+def _kv_index_map(j: int, *, pages_per_block: int, page_size: int, max_pages: int,
+                  num_pages: int, sliding_window: int | None):
+  """index_map of page j of a block: the physical page to fetch, clamped to visible pages."""
+
+  def index_map(b, h, i, lengths_ref, tables_ref):
+    length = lengths_ref[b]
+    lo, _ = reference.visible_span(length, sliding_window)
+    first, last = _page_span(length, lo, page_size)
+    logical = jnp.clip(i * pages_per_block + j, first, last)
+    # NO_PAGE (-1) only appears for empty rows here; clip keeps the DMA in bounds.
+    page = jnp.clip(tables_ref[b * max_pages + logical], 0, num_pages - 1)
+    return h, page, 0, 0
+
+  return index_map
+
+
+def _load_block(page_refs) -> jax.Array:
+  """The [ppb * S_page, H] tile of a block's pages, in order."""
+  if len(page_refs) == 1:
+    return page_refs[0][...]
+  return jnp.concatenate([r[...] for r in page_refs], axis=0)
+
+
+def _kernel(lengths_ref, tables_ref, q_ref, *refs, pages_per_block: int, page_size: int,
+            scale: float, soft_cap: float | None, sliding_window: int | None):
+  """One (row, KV head, page block) step of online softmax over a [ppb * S_page, H] tile."""
+  k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
+  o_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_block:]
+  b, i = pl.program_id(0), pl.program_id(2)
+  length = lengths_ref[b]
+  lo, _ = reference.visible_span(length, sliding_window)
+  t = pages_per_block * page_size
+  start = i * t
+
+  @pl.when(i == 0)
+  def _init():
+    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+    l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  @pl.when((start < length) & (start + t > lo))
+  def _compute():
+    k_TxH, v_TxH = _load_block(k_refs), _load_block(v_refs)
+    s_GxT = reference.dot_f32(q_ref[...], k_TxH, contract_b=1) * scale
+    s_GxT = reference.apply_soft_cap(s_GxT, soft_cap)
+    pos_1xT = start + jax.lax.broadcasted_iota(jnp.int32, (1, t), 1)
+    s_GxT = jnp.where((pos_1xT >= lo) & (pos_1xT < length), s_GxT, -jnp.inf)
+    # This block holds a visible position, so m_next is finite and alpha/p are well defined.
+    m_prev_Gx1 = m_ref[...]
+    m_next_Gx1 = jnp.maximum(m_prev_Gx1, jnp.max(s_GxT, axis=1, keepdims=True))
+    alpha_Gx1 = jnp.exp(m_prev_Gx1 - m_next_Gx1)
+    p_GxT = jnp.exp(s_GxT - m_next_Gx1)
+    l_ref[...] = alpha_Gx1 * l_ref[...] + jnp.sum(p_GxT, axis=1, keepdims=True)
+    m_ref[...] = m_next_Gx1
+    # Zero invisible value rows: a page's unwritten tail may hold NaN, and 0 * NaN = NaN.
+    pos_Tx1 = start + jax.lax.broadcasted_iota(jnp.int32, (t, 1), 0)
+    v_TxH = jnp.where((pos_Tx1 >= lo) & (pos_Tx1 < length), v_TxH, jnp.zeros_like(v_TxH))
+    pv_GxH = reference.dot_f32(p_GxT.astype(v_TxH.dtype), v_TxH, contract_b=0)
+    acc_ref[...] = alpha_Gx1 * acc_ref[...] + pv_GxH
+
+  @pl.when(i == pl.num_programs(2) - 1)
+  def _finish():
+    l_Gx1 = l_ref[...]
+    safe_Gx1 = jnp.where(l_Gx1 > 0, l_Gx1, 1.0)
+    o_ref[...] = jnp.where(l_Gx1 > 0, acc_ref[...] / safe_Gx1, 0.0).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window",
+                                             "pages_per_block", "interpret"))
+def _paged_attention_tpu(q_BxNxH, k_pages_KxPxSxH, v_pages_KxPxSxH, page_tables_BxM, lengths_B,
+                         *, scale: float, soft_cap: float | None, sliding_window: int | None,
+                         pages_per_block: int,
+                         interpret: bool | pltpu.InterpretParams) -> jax.Array:
+  """The pallas_call; inputs already validated."""
+  b, n, h = q_BxNxH.shape
+  kv_heads, num_pages, page_size, _ = k_pages_KxPxSxH.shape
+  m = page_tables_BxM.shape[1]
+  g = n // kv_heads
+  ppb = min(pages_per_block, m)
+  q_BxKxGxH = q_BxNxH.reshape(b, kv_heads, g, h)
+  kv_specs = [
+      pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), page_size, h),
+                   _kv_index_map(j, pages_per_block=ppb, page_size=page_size, max_pages=m,
+                                 num_pages=num_pages, sliding_window=sliding_window))
+      for j in range(ppb)]
+  qo_spec = pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), g, h), lambda b, h, i, *_: (b, h, 0, 0))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, kv_heads, pl.cdiv(m, ppb)),
+      in_specs=[qo_spec, *kv_specs, *kv_specs],
+      out_specs=qo_spec,
+      scratch_shapes=[pltpu.VMEM((g, 1), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
+                      pltpu.VMEM((g, h), jnp.float32)])
+  kernel = functools.partial(_kernel, pages_per_block=ppb, page_size=page_size, scale=scale,
+                             soft_cap=soft_cap, sliding_window=sliding_window)
+  out_BxKxGxH = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct(q_BxKxGxH.shape, q_BxNxH.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+  )(lengths_B.astype(jnp.int32), page_tables_BxM.reshape(-1),  # 1-D: 2-D SMEM pads rows
+    q_BxKxGxH, *[k_pages_KxPxSxH] * ppb, *[v_pages_KxPxSxH] * ppb)
+  return out_BxKxGxH.reshape(b, n, h)
+
+
+def paged_attention_tpu(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
+                        v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
+                        lengths_B: jax.Array, *, scale: float | None = None,
+                        soft_cap: float | None = None, sliding_window: int | None = None,
+                        pages_per_block: int = 1,
+                        interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+  """Decode paged attention on TPU; same contract as `ref_paged_attention`, returns [B, N, H].
+
+  pages_per_block: pages per grid step (larger tiles, fewer steps; >= 2 pages of 8-16 tokens
+  keep the MXU busier). interpret=True runs anywhere (CPU) and skips the TPU tiling checks;
+  interpret=pltpu.InterpretParams() also simulates TPU memory spaces and DMAs (slower).
+  """
+  dims = validation.check_inputs(q_BxNxH, k_pages_KxPxSxH, v_pages_KxPxSxH, page_tables_BxM,
+                                 lengths_B, soft_cap=soft_cap, sliding_window=sliding_window)
+  validation.check_tuning(pages_per_block)
+  if not interpret:
+    validation.check_tpu_tiling(dims, k_pages_KxPxSxH.dtype)
+  return _paged_attention_tpu(
+      q_BxNxH, k_pages_KxPxSxH, v_pages_KxPxSxH, page_tables_BxM, lengths_B,
+      scale=float(dims.h ** -0.5 if scale is None else scale), soft_cap=soft_cap,
+      sliding_window=sliding_window, pages_per_block=pages_per_block, interpret=interpret)
