@@ -6,6 +6,7 @@ Public API: `load_model`, `Model`, `SamplingParams`, `generate`, `generate_strea
 from jinfer.decoding.beam_search import BeamSearchParams, BeamSequence, beam_search
 from jinfer.decoding.generate import Completion, StreamDelta, generate, generate_stream
 from jinfer.decoding.sampling import SamplingParams
+from jinfer.decoding.speculative import SpeculativeConfig
 from jinfer.errors import (CheckpointError, ChecksumMismatchError, InvalidRequestError,
                            JinferError, UnknownModelError, UnsupportedArchitectureError)
 from jinfer.model import Model, load_model
@@ -14,5 +15,5 @@ __all__ = [
     "load_model", "Model", "SamplingParams", "generate", "generate_stream", "Completion",
     "StreamDelta", "JinferError", "CheckpointError", "ChecksumMismatchError",
     "InvalidRequestError", "UnknownModelError", "UnsupportedArchitectureError",
-    "beam_search", "BeamSearchParams", "BeamSequence",
+    "beam_search", "BeamSearchParams", "BeamSequence", "SpeculativeConfig",
 ]
