@@ -467,6 +467,63 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
+COPY_INSTRUCTION = "Repeat the following text exactly, word for word:\n\n"
+
+
+def speculative_prompts(tokenizer, prompt_tokens: int) -> dict[str, list[int]]:
+  """Two greedy workloads: free continuation of the benchmark text, and copying it (chat).
+
+  Prompt-lookup drafts only help where the output repeats the context; the pair shows both.
+  """
+  text = tokenizer.decode(build_prompt_ids(tokenizer, prompt_tokens))
+  copy = tokenizer.apply_chat_template([{"role": "user", "content": COPY_INSTRUCTION + text}])
+  return {"continue": build_prompt_ids(tokenizer, prompt_tokens),
+          "copy": tokenizer.encode(copy)}
+
+
+def speculative_config(method: str, model, num_draft_tokens: int = 4):
+  import jinfer  # pylint: disable=g-import-not-at-top
+  if method == "self":
+    return jinfer.SpeculativeConfig(method="self", num_draft_tokens=num_draft_tokens,
+                                    draft_layers=(2 * model.config.n_layers) // 3)
+  return jinfer.SpeculativeConfig(method=method, num_draft_tokens=num_draft_tokens)
+
+
+def bench_speculative(model, prompts: dict[str, list[int]], methods: Sequence[str],
+                      new_tokens: int, repeats: int = 2,
+                      log: Callable[[str], None] = print) -> list[dict]:
+  """Greedy decode tok/s with and without speculative decoding, per workload and method."""
+  import jinfer  # pylint: disable=g-import-not-at-top
+  from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
+  params = jinfer.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+  rows = []
+  for name, ids in prompts.items():
+    plain_tok_s = None
+    for method in ["none", *methods]:
+      log(f"jinfer speculative={method} on '{name}' ...")
+      spec = None if method == "none" else speculative_config(method, model)
+      runs = [generate_with_stats(model, [ids], params, speculative=spec)[1]
+              for _ in range(repeats + 1)][1:]  # the first run compiles
+      stats = min(runs, key=lambda st: st.decode_s)
+      tok_s = stats.decode_tokens_per_s
+      plain_tok_s = plain_tok_s or tok_s
+      rows.append({"workload": name, "method": method, "decode_tok_s": tok_s,
+                   "speedup": tok_s / plain_tok_s,
+                   "acceptance": stats.acceptance_rate if spec else None,
+                   "tokens_per_forward": stats.tokens_per_target_forward if spec else 1.0})
+  return rows
+
+
+def format_speculative_table(rows: Sequence[dict]) -> str:
+  lines = ["| workload | draft | decode tok/s | vs plain | acceptance | tokens per target forward |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    acceptance = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+    lines.append(f"| {r['workload']} | {r['method']} | {r['decode_tok_s']:.1f} | "
+                 f"{r['speedup']:.2f}x | {acceptance} | {r['tokens_per_forward']:.2f} |")
+  return "\n".join(lines)
+
+
 def format_beam_table(rows: Sequence[dict]) -> str:
   lines = ["| beam width | seconds | beam tokens/s | cost vs first |", "|---|---|---|---|"]
   lines += [f"| {r['width']} | {r['seconds']:.2f} | {r['beam_tok_s']:.1f} | "
@@ -484,6 +541,9 @@ def report(results: dict[str, Any]) -> str:
            "batch", "", format_table(rows, cfg["bandwidth_gbps"]), ""]
   parts += [f"{name}: skipped: {why}" for name, why in results["skipped"].items()]
   parts.append(speedup_line(rows))
+  if results.get("speculative"):
+    parts += ["", f"speculative decoding, float32, batch 1, greedy, {cfg['new_tokens']} tokens:",
+              format_speculative_table(results["speculative"])]
   if results.get("beam_search"):
     parts += ["", f"beam search, float32, batch 1, {cfg['new_tokens']} tokens:",
               format_beam_table(results["beam_search"])]
@@ -506,6 +566,8 @@ _BANDWIDTH_GBPS = flags.DEFINE_float(
     "bandwidth_gbps", 30.0, "Memory bandwidth for the batch-1 roofline (30 GB/s on the 2-core "
     "dev machine, see FACTS.md).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+_SPECULATIVE = flags.DEFINE_list(
+    "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")
 _BEAM_WIDTHS = flags.DEFINE_list("beam_widths", [],
                                  "Also time beam search at these widths (e.g. 1,2,4,8).")
 
@@ -524,6 +586,10 @@ def main(argv):
   ctx = PeerContext(kind, str(path),
                     tuple(build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
   results = run_benchmark(model, cfg, _PEERS.value, ctx)
+  if _SPECULATIVE.value:
+    results["speculative"] = bench_speculative(
+        model, speculative_prompts(model.tokenizer, cfg.prompt_tokens), _SPECULATIVE.value,
+        cfg.new_tokens, cfg.repeats)
   if _BEAM_WIDTHS.value:
     results["beam_search"] = bench_beam_search(
         model, ctx.prompt_ids, [int(w) for w in _BEAM_WIDTHS.value], cfg.new_tokens, cfg.repeats)

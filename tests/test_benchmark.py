@@ -102,3 +102,13 @@ def test_beam_search_cost_rows(tiny_model):
   assert [r["width"] for r in rows] == [1, 2] and rows[0]["relative_cost"] == 1.0
   assert all(r["seconds"] > 0 and math.isfinite(r["beam_tok_s"]) for r in rows)
   assert "| 2 |" in benchmark.format_beam_table(rows)
+
+
+def test_speculative_rows_compare_with_plain_decoding(tiny_model):
+  prompts = {"copy": [5, 6, 7, 5, 6, 7, 5, 6]}
+  rows = benchmark.bench_speculative(tiny_model, prompts, ["ngram"], new_tokens=6, repeats=1,
+                                     log=lambda _: None)
+  assert [r["method"] for r in rows] == ["none", "ngram"]
+  assert rows[0]["speedup"] == 1.0 and rows[0]["acceptance"] is None
+  assert 0 <= rows[1]["acceptance"] <= 1 and rows[1]["tokens_per_forward"] >= 1
+  assert "| copy | ngram |" in benchmark.format_speculative_table(rows)
