@@ -11,7 +11,7 @@ import jinfer
 from jinfer.decoding import loop
 from jinfer.decoding.generate import generate_with_stats
 from jinfer.decoding.sampling import (SamplingArrays, SamplingParams, bad_word_mask,
-                                      process_logits, sample)
+                                      filtered_logits, process_logits, sample)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 V = 8
@@ -208,3 +208,32 @@ def test_processors_validate_their_values(tiny_model):
       SamplingParams(**bad)
   with pytest.raises(jinfer.InvalidRequestError, match="outside the vocabulary"):
     jinfer.generate(tiny_model, ["a"], SamplingParams(logit_bias={10_000: 1.0}))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1),
+    dict(temperature=1.3, top_k=6, top_p=0.7), dict(top_k=3, top_p=0.5, min_p=0.2),
+    dict(temperature=0.5, top_p=0.95, min_p=0.05),
+])
+def test_filters_equal_transformers_warpers(settings):
+  import torch
+  from transformers.generation import logits_process as lp
+  vocab = 32
+  logits = np.random.default_rng(1).standard_normal((3, vocab)).astype(np.float32) * 2
+  ours = np.asarray(filtered_logits(jnp.asarray(logits), _arrays(
+      [SamplingParams(**settings)] * 3, vocab=vocab)))
+  warpers = []  # transformers' order: temperature, top-k, top-p, min-p
+  if "temperature" in settings:
+    warpers.append(lp.TemperatureLogitsWarper(settings["temperature"]))
+  if "top_k" in settings:
+    warpers.append(lp.TopKLogitsWarper(settings["top_k"]))
+  if "top_p" in settings:
+    warpers.append(lp.TopPLogitsWarper(settings["top_p"]))
+  if "min_p" in settings:
+    warpers.append(lp.MinPLogitsWarper(settings["min_p"]))
+  expected = torch.tensor(logits)
+  for warper in warpers:
+    expected = warper(None, expected)
+  expected = expected.numpy()
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+  np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)

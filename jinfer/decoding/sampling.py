@@ -215,17 +215,21 @@ def process_logits(logits_BxV: jax.Array, s: SamplingArrays, output_counts_BxV: 
 
 
 def filtered_logits(logits_BxV: jax.Array, s: SamplingArrays) -> jax.Array:
-  """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
+  """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf.
+
+  Applied in sequence as transformers' warpers and vLLM do: top-p counts mass within the top-k
+  tokens (renormalised), and min-p compares with the most likely token.
+  """
   temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
   scaled = logits_BxV.astype(jnp.float32) / temperature
   order = jnp.argsort(-scaled, axis=-1)
   sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-  sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
   rank = jnp.arange(scaled.shape[-1])[None, :]
-  top_k = jnp.where(s.top_k > 0, s.top_k, scaled.shape[-1])[:, None]
+  in_top_k = rank < jnp.where(s.top_k > 0, s.top_k, scaled.shape[-1])[:, None]
+  sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
   # Keep a token if the tokens ranked above it hold less than top_p (so the first is always kept).
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep_sorted = ((rank < top_k) & (mass_before < s.top_p[:, None])
+  keep_sorted = (in_top_k & (mass_before < s.top_p[:, None])
                  & (sorted_probs >= s.min_p[:, None] * sorted_probs[:, :1]))
   keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(
       keep_sorted)
