@@ -557,6 +557,10 @@ _MODEL = flags.DEFINE_string(
     "Registry name, .gguf file, Hugging Face directory or jinfer Orbax checkpoint.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
 _DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "jinfer dtypes: float32 and/or bfloat16.")
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    "attention_impl", "auto", ["auto", "xla", "pallas"],
+    "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; interpreted, "
+    "slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Prompt length in tokens.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per sequence.")
 _PEERS = flags.DEFINE_list(
@@ -581,7 +585,7 @@ def main(argv):
                     new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
                     bandwidth_gbps=_BANDWIDTH_GBPS.value)
   _check_config(cfg)
-  model = jinfer.load_model(_MODEL.value, dtype="float32")
+  model = jinfer.load_model(_MODEL.value, dtype="float32", attention_impl=_ATTENTION_IMPL.value)
   kind, path = registry.resolve(_MODEL.value)
   ctx = PeerContext(kind, str(path),
                     tuple(build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))

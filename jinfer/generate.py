@@ -17,6 +17,10 @@ _MODEL = flags.DEFINE_string(
     "model", "smollm2-135m-instruct",
     "Registry name, .gguf file, Hugging Face directory or jinfer Orbax checkpoint.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations.")
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    "attention_impl", "auto", ["auto", "xla", "pallas"],
+    "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; interpreted, "
+    "slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Most tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
@@ -35,7 +39,8 @@ def main(argv):
 
 def _generate(jinfer):
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
-  model = jinfer.load_model(_MODEL.value, dtype=_DTYPE.value)
+  model = jinfer.load_model(_MODEL.value, dtype=_DTYPE.value,
+                            attention_impl=_ATTENTION_IMPL.value)
   prompt = _PROMPT.value
   if _CHAT.value:
     prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

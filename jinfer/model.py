@@ -15,6 +15,7 @@ from jinfer.models import llama
 from jinfer.models.config import LlamaConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,15 @@ class Model:
   config: LlamaConfig
   params: dict[str, Any]
   tokenizer: Any  # jinfer.tokenizers.Tokenizer
+  # How generate attends while decoding: "xla" (contiguous KV cache, XLA math) or "pallas"
+  # (paged KV cache, Pallas paged-attention kernel; interpret mode on CPU, slow).
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise InvalidRequestError(
+          f"attention_impl {self.attention_impl!r} is not supported; use one of "
+          f"{list(ATTENTION_IMPLS)} (load_model also takes 'auto').")
 
   @property
   def dtype(self):
@@ -62,14 +72,28 @@ def cast_params(params, dtype) -> dict[str, Any]:
   return jax.tree.map(cast, params)
 
 
-def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32") -> Model:
+def resolve_attention_impl(attention_impl: str) -> str:
+  """"xla" or "pallas"; "auto" is "pallas" on TPU/GPU and "xla" on CPU (no interpreted kernels)."""
+  if attention_impl == "auto":
+    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+  if attention_impl not in ATTENTION_IMPLS:
+    raise InvalidRequestError(
+        f"attention_impl {attention_impl!r} is not supported; use 'auto', 'xla' or 'pallas'.")
+  return attention_impl
+
+
+def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
+               attention_impl: str = "xla") -> Model:
   """Loads a registry name, a .gguf file, a Hugging Face directory or a jinfer Orbax checkpoint.
 
-  Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16').
+  Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16'). `attention_impl`
+  ('xla', 'pallas' or 'auto') sets how generate decodes (see `Model.attention_impl`).
   """
   from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
   dtype = resolve_dtype(dtype)
+  attention_impl = resolve_attention_impl(attention_impl)
   kind, path = registry.resolve(name_or_path)
   loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
   config, params, tokenizer = loader(path)
-  return Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer)
+  return Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer,
+               attention_impl=attention_impl)

@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
 
 
@@ -45,6 +46,11 @@ class KVCache:
   def keys_values(self, layer: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (k [B,K,S,H], v [B,K,S,H], key positions [S]) for attention."""
     return self.k[layer], self.v[layer], jnp.arange(self.max_len)
+
+  def attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """Causal attention [B, T, N, H] of queries at `positions` over this layer's cache."""
+    k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
+    return attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT, k_positions_S[None, :])
 
 
 def _replace_at(items: tuple, index: int, value) -> tuple:

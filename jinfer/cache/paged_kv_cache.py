@@ -25,9 +25,11 @@ as it is. Why this order:
   which helps when K is tiny; the per-head tile above is what the decode kernels here are
   written against.
 
-`write` and `keys_values` mirror `KVCache`, so `llama.forward` drives either cache unchanged.
-`keys_values` gathers each row's pages into a contiguous [B, K, S, H] view: the pure-XLA
-reference path, which the Pallas paged-attention kernel replaces by reading pages in place.
+`write`, `keys_values` and `attend` mirror `KVCache`, so `llama.forward` drives either cache
+unchanged. `keys_values` gathers each row's pages into a contiguous [B, K, S, H] view: the
+pure-XLA path. With the static `attention_impl="pallas"`, `attend` runs one-token (decode)
+queries through the Pallas paged-attention kernel instead, which reads the pages in place
+(compiled on TPU/GPU, interpret mode on CPU); multi-token queries (prefill) use the gather path.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.cache.page_allocator import NO_PAGE
+from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
 
 IntArray = Union[jax.Array, np.ndarray, Sequence[int]]
+ATTENTION_IMPLS = ("xla", "pallas")
 
 
 @flax.struct.dataclass
@@ -59,11 +63,17 @@ class PagedKVCache:
   v_pages: tuple[jax.Array, ...]  # per layer: [K, P, S_page, H]
   page_tables: jax.Array  # [B, max_pages_per_seq] int32 page ids, NO_PAGE where unused
   lengths: jax.Array  # [B] int32 tokens cached per row
+  # "xla" (gather + XLA attention) or "pallas" (paged-attention kernel for decode). Static: part
+  # of the tree structure, so jit specializes on it.
+  attention_impl: str = flax.struct.field(pytree_node=False, default="xla")
 
   @classmethod
   def init(cls, config: LlamaConfig, num_pages: int, page_size: int, batch: int,
-           max_pages_per_seq: int, dtype=jnp.float32) -> "PagedKVCache":
+           max_pages_per_seq: int, dtype=jnp.float32,
+           attention_impl: str = "xla") -> "PagedKVCache":
     """A zeroed pool of `num_pages` pages of `page_size` tokens; every row empty (no pages)."""
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}; got {attention_impl!r}.")
     if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
       raise ValueError(
           f"num_pages ({num_pages}), page_size ({page_size}) and max_pages_per_seq "
@@ -72,7 +82,7 @@ class PagedKVCache:
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
     return cls(k_pages=zeros, v_pages=zeros,
                page_tables=jnp.full((batch, max_pages_per_seq), NO_PAGE, jnp.int32),
-               lengths=jnp.zeros((batch,), jnp.int32))
+               lengths=jnp.zeros((batch,), jnp.int32), attention_impl=attention_impl)
 
   @property
   def num_pages(self) -> int:
@@ -145,6 +155,23 @@ class PagedKVCache:
 
     return gather(self.k_pages[layer]), gather(self.v_pages[layer]), positions_S
 
+  def attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    """Causal attention [B, T, N, H] of queries at `positions` over this layer's pages.
+
+    Call after `write`ing the queries' own keys. One query per row with attention_impl="pallas"
+    runs the paged-attention kernel over positions 0..position (the query is the newest token);
+    anything else gathers the pages (`keys_values`) and masks by position.
+    """
+    if q_BxTxNxH.shape[1] == 1 and self.attention_impl == "pallas":
+      from pallas_kernels.paged_attention import paged_attention  # pylint: disable=g-import-not-at-top
+      backend, interpret = _kernel_backend()
+      out_BxNxH = paged_attention(
+          q_BxTxNxH[:, 0], self.k_pages[layer], self.v_pages[layer], self.page_tables,
+          positions_BxT[:, 0] + 1, backend=backend, interpret=interpret)
+      return out_BxNxH[:, None]
+    k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
+    return attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT, k_positions_S[None, :])
+
   def copy_pages(self, src: IntArray, dst: IntArray) -> "PagedKVCache":
     """Copies whole pages src[i] -> dst[i] in every layer's K and V (for copy-on-write)."""
     src_C = jnp.asarray(src, jnp.int32).reshape(-1)
@@ -164,6 +191,18 @@ class PagedKVCache:
     page_BxT = self.page_tables[rows_Bx1, safe_BxT // self.page_size]
     valid_BxT = in_range_BxT & (page_BxT >= 0) & (page_BxT < self.num_pages)
     return page_BxT, safe_BxT % self.page_size, valid_BxT
+
+
+def _kernel_backend() -> tuple[str, bool]:
+  """(backend, interpret) for paged_attention: the platform kernel; on CPU the TPU one, interpreted.
+
+  Interpret mode is slow and meant for tests: it runs only because attention_impl="pallas" asked
+  for the kernel (load_model's "auto" picks "xla" on CPU).
+  """
+  platform = jax.default_backend()
+  if platform in ("tpu", "gpu"):
+    return platform, False
+  return "tpu", True
 
 
 def _replace_at(items: tuple, index: int, value) -> tuple:

@@ -3,6 +3,11 @@
 Shapes are bucketed (batch, prompt length and generated-token capacity rounded up to powers of
 two) so a handful of compiled programs serve every request; per-row settings are traced arrays.
 A prompt asking for n samples is prefilled once; its n rows share that prefill's KV cache.
+
+`model.attention_impl` picks the cache: "xla" (the default) a contiguous `KVCache`; "pallas" a
+`PagedKVCache` whose decode steps run the Pallas paged-attention kernel (prefill gathers pages
+and uses the XLA math). Every row gets its own pages (no sharing), filled by copying its
+prompt's pages after the prefill. Beam search and speculative decoding keep the contiguous cache.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
+from jinfer.cache.page_allocator import PageAllocator, page_table_array, pages_for
+from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.decoding import loop
 from jinfer.decoding.sampling import SamplingArrays, SamplingParams
 from jinfer.errors import InvalidRequestError
 from jinfer.models import llama
 
 Prompt = Union[str, Sequence[int]]
+PAGE_SIZE = 16  # tokens per KV page (attention_impl="pallas"); prompt buckets are multiples of it
 
 
 @dataclasses.dataclass
@@ -95,8 +103,13 @@ def bucket(n: int, minimum: int = 16) -> int:
 def prefill_logits(params, config, tokens_BxT: jax.Array, prompt_lens_B: jax.Array,
                    cache_len: int) -> tuple[jax.Array, KVCache]:
   """Runs the padded prompts once; returns each prompt's last-position logits [B, V] and cache."""
+  cache = KVCache.init(config, tokens_BxT.shape[0], cache_len, params["embed"].dtype)
+  return _prompt_logits(params, config, tokens_BxT, prompt_lens_B, cache)
+
+
+def _prompt_logits(params, config, tokens_BxT, prompt_lens_B, cache):
+  """Writes the padded prompts into `cache`; returns last-position logits [B, V] and the cache."""
   batch, length = tokens_BxT.shape
-  cache = KVCache.init(config, batch, cache_len, params["embed"].dtype)
   positions_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   h_BxTxD, cache = llama.hidden_states(params, config, tokens_BxT, positions_BxT, cache)
   last_Bx1xD = jnp.take_along_axis(h_BxTxD, (prompt_lens_B - 1)[:, None, None], axis=1)
@@ -116,13 +129,41 @@ def _prefill(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B, 
              cache_len, capacity, num_top_logprobs):
   """Runs the P distinct prompts once, then gives each of the B rows its prompt's cache."""
   logits_PxV, cache = prefill_logits(params, config, tokens_PxT, prompt_lens_P, cache_len)
+  cache = jax.tree.map(lambda x: x[row_prompt_B], cache)
+  return _init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache, sampling,
+                    done_B, capacity, num_top_logprobs)
+
+
+def _prefill_paged(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B,
+                   prompt_tables_PxM, tables_BxM, *, config, capacity, num_top_logprobs):
+  """`_prefill` into a paged cache (attention_impl="pallas").
+
+  Prompt p writes the pages of `prompt_tables_PxM[p]` (its first row's); every other row then
+  gets a copy of its prompt's pages in its own table.
+  """
+  batch, max_pages = tables_BxM.shape
+  cache = PagedKVCache.init(config, batch * max_pages, PAGE_SIZE, tokens_PxT.shape[0], max_pages,
+                            params["embed"].dtype, attention_impl="pallas")
+  cache = cache.with_page_tables(prompt_tables_PxM, jnp.zeros_like(prompt_lens_P))
+  logits_PxV, cache = _prompt_logits(params, config, tokens_PxT, prompt_lens_P, cache)
+  prompt_pages = pages_for(tokens_PxT.shape[1], PAGE_SIZE)
+  # A prompt's first row copies onto itself (a no-op); no destination is another copy's source.
+  cache = cache.copy_pages(prompt_tables_PxM[row_prompt_B, :prompt_pages],
+                           tables_BxM[:, :prompt_pages])
+  cache = cache.with_page_tables(tables_BxM, prompt_lens_P[row_prompt_B])
+  return _init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache, sampling,
+                    done_B, capacity, num_top_logprobs)
+
+
+def _init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache_B, sampling,
+               done_B, capacity, num_top_logprobs):
+  """The decode state of the B rows, each starting from its prompt's logits and cache rows."""
   num_prompts, length = tokens_PxT.shape
   in_prompt_PxT = jnp.arange(length) < prompt_lens_P[:, None]
   prompt_mask_PxV = jnp.zeros((num_prompts, config.vocab_size), bool).at[
       jnp.arange(num_prompts)[:, None], jnp.where(in_prompt_PxT, tokens_PxT, config.vocab_size)
   ].set(True, mode="drop")
-  cache = jax.tree.map(lambda x: x[row_prompt_B], cache)
-  return loop.init_state(cache, prompt_lens_P[row_prompt_B], prompt_mask_PxV[row_prompt_B],
+  return loop.init_state(cache_B, prompt_lens_P[row_prompt_B], prompt_mask_PxV[row_prompt_B],
                          capacity, num_top_logprobs, logits_PxV[row_prompt_B], sampling, done_B)
 
 
@@ -132,6 +173,8 @@ def _decode(params, state, sampling, until_step, *, config):
 
 _PREFILL = jax.jit(_prefill,
                    static_argnames=("config", "cache_len", "capacity", "num_top_logprobs"))
+_PREFILL_PAGED = jax.jit(_prefill_paged,
+                         static_argnames=("config", "capacity", "num_top_logprobs"))
 _DECODE = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",))
 
 
@@ -178,6 +221,10 @@ class _Batch:
   done_B: np.ndarray
   capacity: int
   num_top_logprobs: int
+  # attention_impl="pallas" only: each row's page table [B, M], and each prompt's [P, M] (its
+  # first row's table; NO_PAGE for padding prompts) that the prefill writes.
+  tables_BxM: Optional[np.ndarray] = None
+  prompt_tables_PxM: Optional[np.ndarray] = None
 
 
 def _encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -243,17 +290,40 @@ def _prepare(model, prompts, params) -> _Batch:
       [r.params for r in padded], seeds, [r.stop_ids for r in padded], model.config.vocab_size,
       sample_index=[r.index for r in padded],
       bad_word_ids=[_bad_word_ids(model.tokenizer, r.params.bad_words) for r in padded])
-  return _Batch(prompt_ids, rows, tokens_PxT, prompt_lens_P,
-                np.asarray([r.prompt for r in padded], np.int32), sampling,
-                np.arange(batch) >= len(rows), bucket(max(p.max_tokens for p in params)),
-                max(p.logprobs or 0 for p in params))
+  b = _Batch(prompt_ids, rows, tokens_PxT, prompt_lens_P,
+             np.asarray([r.prompt for r in padded], np.int32), sampling,
+             np.arange(batch) >= len(rows), bucket(max(p.max_tokens for p in params)),
+             max(p.logprobs or 0 for p in params))
+  if model.attention_impl == "pallas":
+    b.tables_BxM, b.prompt_tables_PxM = _page_tables(
+        b.row_prompt_B, num_prompts, pages_for(tokens_PxT.shape[1] + b.capacity, PAGE_SIZE))
+  return b
+
+
+def _page_tables(row_prompt_B: np.ndarray, num_prompts: int,
+                 max_pages: int) -> tuple[np.ndarray, np.ndarray]:
+  """(row tables [B, M], prompt tables [P, M]): M private pages per row, from one pool.
+
+  Rows do not share pages (no copy-on-write in the decode loop); a prompt's prefill writes into
+  its first row's pages, which the other rows then copy.
+  """
+  allocator = PageAllocator(len(row_prompt_B) * max_pages)
+  tables = [allocator.allocate(max_pages) for _ in row_prompt_B]
+  first_row = {}
+  for row, prompt in enumerate(row_prompt_B.tolist()):
+    first_row.setdefault(prompt, row)
+  prompt_tables = [tables[first_row[p]] if p in first_row else [] for p in range(num_prompts)]
+  return page_table_array(tables, max_pages), page_table_array(prompt_tables, max_pages)
 
 
 def _run_prefill(model, b: _Batch, stats: GenerationStats) -> loop.DecodeState:
   args = (model.params, b.tokens_PxT, b.prompt_lens_P, b.row_prompt_B, b.sampling, b.done_B)
-  static = dict(config=model.config, cache_len=b.tokens_PxT.shape[1] + b.capacity,
-                capacity=b.capacity, num_top_logprobs=b.num_top_logprobs)
-  program = _COMPILED.get(_PREFILL, args, static, stats)
+  static = dict(config=model.config, capacity=b.capacity, num_top_logprobs=b.num_top_logprobs)
+  if b.tables_BxM is None:
+    jitted, static["cache_len"] = _PREFILL, b.tokens_PxT.shape[1] + b.capacity
+  else:
+    jitted, args = _PREFILL_PAGED, args + (b.prompt_tables_PxM, b.tables_BxM)
+  program = _COMPILED.get(jitted, args, static, stats)
   start = time.perf_counter()
   state = jax.block_until_ready(program(*args))
   stats.prefill_s += time.perf_counter() - start

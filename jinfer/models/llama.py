@@ -17,11 +17,11 @@ import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
 from jinfer.cache.paged_kv_cache import PagedKVCache
+from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig, RopeScaling
 
 Params = dict[str, Any]
-Cache = Union[KVCache, PagedKVCache]  # anything with write(layer, k, v, positions), keys_values
-_MASK_VALUE = -1e30
+Cache = Union[KVCache, PagedKVCache]  # anything with write(layer, k, v, positions), attend
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -79,20 +79,6 @@ class Rope:
     x1, x2 = jnp.split(x_BxTx___xH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BxTx___xH.dtype)
-
-
-def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, q_positions_BxT, k_positions_BxS) -> jax.Array:
-  """Causal grouped-query attention by position: a query sees keys at positions <= its own."""
-  b, t, n, h = q_BxTxNxH.shape
-  kv_heads = k_BxKxSxH.shape[1]
-  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("BTKGH,BKSH->BKGTS", q_BxTxKxGxH, k_BxKxSxH,
-                      preferred_element_type=jnp.float32) / math.sqrt(h)
-  visible_BxTxS = k_positions_BxS[:, None, :] <= q_positions_BxT[:, :, None]
-  scores = jnp.where(visible_BxTxS[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BxKxSxH)
-  return out.reshape(b, t, n, h)
 
 
 def pack_layer(layer: dict[str, Any]) -> dict[str, Any]:
@@ -163,9 +149,9 @@ def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, 
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, K, H] -> [B, K, T, H]
     out_BxTxNxH = attention(q, heads_first(k), heads_first(v), positions_BxT, positions_BxT)
   else:
+    # The cache picks the attention implementation (XLA math or a paged-attention kernel).
     cache = cache.write(layer_index, k, v, positions_BxT)
-    k_all, v_all, k_positions_S = cache.keys_values(layer_index)
-    out_BxTxNxH = attention(q, k_all, v_all, positions_BxT, k_positions_S[None, :])
+    out_BxTxNxH = cache.attend(layer_index, q, positions_BxT)
   return _linear(out_BxTxNxH.reshape(b, t, -1), layer["wo"]), cache
 
 

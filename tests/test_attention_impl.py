@@ -1,0 +1,90 @@
+"""attention_impl="pallas": generate over a paged KV cache with the Pallas decode kernel.
+
+On CPU the kernel runs in interpret mode; it must give the tokens and logprobs of "xla".
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jinfer
+from jinfer.cache.paged_kv_cache import PagedKVCache
+from jinfer.decoding import generate as generate_lib
+from jinfer.errors import InvalidRequestError
+from jinfer.model import resolve_attention_impl
+
+PROMPTS = [[1, 2, 3], list(range(10, 30)), [7]]  # ragged; the middle one spans two pages
+
+
+@pytest.fixture(scope="module")
+def pallas_model(tiny_model):
+  return dataclasses.replace(tiny_model, attention_impl="pallas")
+
+
+def test_pallas_generate_matches_xla(tiny_model, pallas_model):
+  params = jinfer.SamplingParams(n=2, max_tokens=20, temperature=0.0, ignore_eos=True,
+                                 logprobs=2)
+  want = jinfer.generate(tiny_model, PROMPTS, params)
+  got = jinfer.generate(pallas_model, PROMPTS, params)
+  assert len(got) == len(want) == 2 * len(PROMPTS)
+  for g, w in zip(got, want):
+    assert g.token_ids == w.token_ids
+    np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
+    for g_top, w_top in zip(g.top_logprobs, w.top_logprobs):
+      assert g_top.keys() == w_top.keys()
+      np.testing.assert_allclose(list(g_top.values()), list(w_top.values()), atol=1e-4)
+
+
+def test_pallas_decode_step_runs_the_kernel(pallas_model):
+  """A one-token step through a pallas PagedKVCache lowers to a pallas_call (no gather path)."""
+  cfg = pallas_model.config
+  cache = PagedKVCache.init(cfg, num_pages=4, page_size=16, batch=2, max_pages_per_seq=2,
+                            attention_impl="pallas")
+  cache = cache.with_page_tables([[0, 1], [2, 3]], [5, 17])
+  step = generate_lib.decode_step_fn(pallas_model.params, cfg)
+  jaxpr = jax.make_jaxpr(step)(jnp.array([1, 2]), jnp.array([5, 17]), cache)
+  assert "pallas_call" in str(jaxpr)
+  xla_cache = cache.replace(attention_impl="xla")
+  assert "pallas_call" not in str(jax.make_jaxpr(step)(jnp.array([1, 2]), jnp.array([5, 17]),
+                                                       xla_cache))
+
+
+def test_pallas_prepare_gives_each_row_private_pages(pallas_model):
+  b = generate_lib._prepare(pallas_model, PROMPTS, jinfer.SamplingParams(n=2, max_tokens=4))
+  used = b.tables_BxM[b.tables_BxM >= 0]
+  assert len(set(used.tolist())) == used.size  # no page in two rows
+  for p in range(len(PROMPTS)):
+    first = int(np.argmax(b.row_prompt_B == p))
+    np.testing.assert_array_equal(b.prompt_tables_PxM[p], b.tables_BxM[first])
+  assert (b.prompt_tables_PxM[len(PROMPTS):] == -1).all()  # padding prompts write nowhere
+
+
+def test_xla_is_default_and_unpaged(tiny_model):
+  assert tiny_model.attention_impl == "xla"
+  b = generate_lib._prepare(tiny_model, PROMPTS, jinfer.SamplingParams(max_tokens=4))
+  assert b.tables_BxM is None
+
+
+def test_auto_resolves_to_xla_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert resolve_attention_impl("auto") == "xla"
+  assert resolve_attention_impl("pallas") == "pallas"
+
+
+@pytest.mark.slow
+def test_load_model_auto_is_xla_on_cpu(smollm2_gguf_path):
+  assert jinfer.load_model(str(smollm2_gguf_path), attention_impl="auto").attention_impl == "xla"
+  assert jinfer.load_model(str(smollm2_gguf_path),
+                           attention_impl="pallas").attention_impl == "pallas"
+
+
+def test_bad_attention_impl_is_rejected(tiny_model):
+  with pytest.raises(InvalidRequestError, match="attention_impl 'flash'.*'xla'"):
+    dataclasses.replace(tiny_model, attention_impl="flash")
+  with pytest.raises(InvalidRequestError, match="attention_impl 'flash'.*'auto'"):
+    jinfer.load_model("no-such-model", attention_impl="flash")
+  with pytest.raises(InvalidRequestError, match="'auto'"):
+    jinfer.Model(tiny_model.config, tiny_model.params, tiny_model.tokenizer, attention_impl="auto")
