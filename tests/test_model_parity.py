@@ -11,13 +11,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import jinfer
+from test_checkpoints import write_hf_tokenizer  # the tiny word-level tokenizer.json
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -243,18 +243,6 @@ TINY_CASES = {
 }
 
 
-def write_tokenizer(directory: Path) -> None:
-  """A word-level tokenizer.json: enough for `load_model` (these tests pass token ids)."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(
-      "the capital of france is paris".split())}}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-
-
 def tiny_torch_model(config_class: str, overrides: dict, seed: int = 0):
   """A random transformers model whose every weight (norms and biases too) is non-trivial."""
   torch.manual_seed(seed)
@@ -275,7 +263,7 @@ def tiny_torch_model(config_class: str, overrides: dict, seed: int = 0):
 
 def save_tiny(model, directory: Path) -> Path:
   model.save_pretrained(directory)
-  write_tokenizer(directory)
+  write_hf_tokenizer(directory)
   return directory
 
 

@@ -193,6 +193,13 @@ class _CompileCache:
       stats.compile_s += time.perf_counter() - start
     return self._programs[key]
 
+  def run(self, jitted, args, static: dict, stats: GenerationStats):
+    """Compiles if needed, then runs; returns (outputs, seconds the run took)."""
+    program = self.get(jitted, args, static, stats)
+    start = time.perf_counter()
+    out = jax.block_until_ready(program(*args))
+    return out, time.perf_counter() - start
+
 
 _COMPILED = _CompileCache()
 
@@ -323,21 +330,17 @@ def _run_prefill(model, b: _Batch, stats: GenerationStats) -> loop.DecodeState:
     jitted, static["cache_len"] = _PREFILL, b.tokens_PxT.shape[1] + b.capacity
   else:
     jitted, args = _PREFILL_PAGED, args + (b.prompt_tables_PxM, b.tables_BxM)
-  program = _COMPILED.get(jitted, args, static, stats)
-  start = time.perf_counter()
-  state = jax.block_until_ready(program(*args))
-  stats.prefill_s += time.perf_counter() - start
+  state, seconds = _COMPILED.run(jitted, args, static, stats)
+  stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
   return state
 
 
 def _run_decode(model, b: _Batch, state, until_step: int, stats) -> loop.DecodeState:
   args = (model.params, state, b.sampling, jnp.int32(until_step))
-  program = _COMPILED.get(_DECODE, args, dict(config=model.config), stats)
   generated_before = int(state.num_generated_B[:len(b.rows)].sum())
-  start = time.perf_counter()
-  state = jax.block_until_ready(program(*args))
-  stats.decode_s += time.perf_counter() - start
+  state, seconds = _COMPILED.run(_DECODE, args, dict(config=model.config), stats)
+  stats.decode_s += seconds
   stats.generated_tokens += int(state.num_generated_B[:len(b.rows)].sum()) - generated_before
   return state
 

@@ -23,7 +23,6 @@ recent earlier occurrence of the last n tokens). The loop sees models only throu
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -448,10 +447,8 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
           b.done_B)
   static_args = dict(config=model.config, static=static, cache_len=cache_len,
                      capacity=b.capacity)
-  program = _COMPILED.get(_PREFILL, args, static_args, stats)
-  start = time.perf_counter()
-  state = jax.block_until_ready(program(*args))
-  stats.prefill_s += time.perf_counter() - start
+  state, seconds = _COMPILED.run(_PREFILL, args, static_args, stats)
+  stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
   return state
 
@@ -459,10 +456,8 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
 def _run_decode(model, draft_params, b, state, static: _Static,
                 stats: GenerationStats) -> SpecState:
   args = (model.params, draft_params, state, b.sampling)
-  program = _COMPILED.get(_DECODE, args, dict(config=model.config, static=static), stats)
-  start = time.perf_counter()
-  state = jax.block_until_ready(program(*args))
-  stats.decode_s += time.perf_counter() - start
+  state, seconds = _COMPILED.run(_DECODE, args, dict(config=model.config, static=static), stats)
+  stats.decode_s += seconds
   return state
 
 
