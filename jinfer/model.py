@@ -16,6 +16,7 @@ from jinfer.models.config import LlamaConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "pallas")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,16 +27,30 @@ class Model:
   # How generate attends while decoding: "xla" (contiguous KV cache, XLA math) or "pallas"
   # (paged KV cache, Pallas paged-attention kernel; interpret mode on CPU, slow).
   attention_impl: str = "xla"
+  # What the KV cache stores: "auto" (the model's dtype) or "int8" (per-token, per-head scales).
+  kv_cache_dtype: str = "auto"
+  page_size: int = 16  # tokens per KV page (attention_impl="pallas")
 
   def __post_init__(self):
     if self.attention_impl not in ATTENTION_IMPLS:
       raise InvalidRequestError(
           f"attention_impl {self.attention_impl!r} is not supported; use one of "
           f"{list(ATTENTION_IMPLS)} (load_model also takes 'auto').")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise InvalidRequestError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use "
+                                f"one of {list(KV_CACHE_DTYPES)}.")
+    if not (isinstance(self.page_size, int) and self.page_size >= 1):
+      raise InvalidRequestError(f"page_size must be a positive integer; got {self.page_size!r}.")
 
   @property
   def dtype(self):
-    return self.params["embed"].dtype
+    """The compute dtype (activations, and the KV cache unless kv_cache_dtype says otherwise)."""
+    return self.params["final_norm"].dtype
+
+  @property
+  def cache_dtype(self):
+    """The dtype KV caches are created with: int8 means quantized with scales."""
+    return jnp.int8 if self.kv_cache_dtype == "int8" else self.dtype
 
   def logits(self, token_ids_BxT) -> jax.Array:
     """Float32 logits [B, T, V] of a full forward pass over token ids (no cache)."""
@@ -83,11 +98,13 @@ def resolve_attention_impl(attention_impl: str) -> str:
 
 
 def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
-               attention_impl: str = "xla") -> Model:
+               attention_impl: str = "xla", kv_cache_dtype: str = "auto",
+               page_size: int = 16) -> Model:
   """Loads a registry name, a .gguf file, a Hugging Face directory or a jinfer Orbax checkpoint.
 
   Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16'). `attention_impl`
-  ('xla', 'pallas' or 'auto') sets how generate decodes (see `Model.attention_impl`).
+  ('xla', 'pallas' or 'auto') sets how generate decodes (see `Model.attention_impl`);
+  `kv_cache_dtype` ('auto' or 'int8') and `page_size` set the KV cache it decodes through.
   """
   from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
   dtype = resolve_dtype(dtype)
@@ -96,4 +113,5 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
   config, params, tokenizer = loader(path)
   return Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer,
-               attention_impl=attention_impl)
+               attention_impl=attention_impl, kv_cache_dtype=kv_cache_dtype,
+               page_size=page_size)

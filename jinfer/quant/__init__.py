@@ -1,0 +1,1 @@
+"""Quantization: int8/int4 weights (`weights`) and the int8 KV cache's quantizer (`kv`)."""
