@@ -3,6 +3,7 @@
 Every page slot not holding a visible token (unused pages, page tails past the length, tokens
 before a sliding window) is NaN in the pool the kernels read, and random in the clean pool the
 reference reads: an output that is finite and equal to the reference shows no stray read leaked.
+int8 pools cannot hold NaN: there the unused slots get random codes and NaN scales.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jinfer.models import llama
+from jinfer.quant.kv import dequantize_kv, quantize_kv
 from pallas_kernels.paged_attention import (paged_attention, paged_attention_gpu,
                                             paged_attention_tpu, ref_paged_attention)
 from pallas_kernels.paged_attention import tpu as tpu_lib
@@ -86,6 +88,78 @@ def test_kernel_matches_reference(case, kernel):
   assert np.isfinite(out32).all()
   np.testing.assert_allclose(out32, np.asarray(want.astype(jnp.float32)), **TOLERANCE[dtype])
   np.testing.assert_array_equal(out32[np.asarray(lengths) == 0], 0.0)
+
+
+def make_int8_inputs(lengths, *, n, k, h, s, q_dtype, sliding_window=None, seed=0):
+  """(q, k_q, v_q, k_scales, v_scales, k_deq, v_deq, page_tables, lengths) for int8 pages.
+
+  k_q/v_q hold random codes and k/v_scales NaN in every slot not visible; k_deq/v_deq are the
+  clean dequantized float32 pools the reference reads.
+  """
+  q, k_nan, _, k_clean, v_clean, tables, lengths = make_inputs(
+      lengths, n=n, k=k, h=h, s=s, dtype=jnp.float32, sliding_window=sliding_window, seed=seed)
+  visible_KxPxS = ~np.isnan(np.asarray(k_nan)[..., 0])
+  rng = np.random.default_rng(seed + 1)
+  pools = []
+  for clean in (k_clean, v_clean):
+    codes, scales = (np.asarray(x) for x in quantize_kv(clean))
+    garbage = rng.integers(-127, 128, codes.shape).astype(np.int8)
+    pools.append((jnp.asarray(np.where(visible_KxPxS[..., None], codes, garbage)),
+                  jnp.asarray(np.where(visible_KxPxS, scales, np.nan)),
+                  dequantize_kv(codes, scales)))
+  (k_q, k_s, k_deq), (v_q, v_s, v_deq) = pools
+  return q.astype(q_dtype), k_q, v_q, k_s, v_s, k_deq, v_deq, tables, lengths
+
+
+# (n, k, h, s, q dtype, lengths, options, kernel): GQA 1/3/8/4, both query dtypes, lengths 0, 1,
+# exact page multiples and ragged, each TPU and GPU variant at least once.
+INT8_CASES = {
+    "g1_s8_f32": (4, 4, 64, 8, jnp.float32, (0, 1, 32), {}, "tpu_ppb2"),
+    "g3_s16_bf16": (6, 2, 64, 16, jnp.bfloat16, (16, 0, 37), {}, "gpu_split2"),
+    "g8_s8_f32_window": (8, 1, 64, 8, jnp.float32, (32, 9, 1), {"sliding_window": 11},
+                         "gpu_split4_ppb1"),
+    "g4_s8_bf16_softcap": (8, 2, 128, 8, jnp.bfloat16, (24, 5, 0), {"soft_cap": 2.0},
+                           "tpu_ppb1"),
+    "g3_s8_f32_scale": (3, 1, 64, 8, jnp.float32, (8, 17), {"scale": 0.3}, "gpu_split2"),
+}
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_kernel_matches_reference_on_dequantized_pages(case):
+  n, k, h, s, q_dtype, lengths, options, kernel = INT8_CASES[case]
+  q, k_q, v_q, k_s, v_s, k_deq, v_deq, tables, lengths = make_int8_inputs(
+      lengths, n=n, k=k, h=h, s=s, q_dtype=q_dtype, sliding_window=options.get("sliding_window"))
+  out = KERNELS[kernel](q, k_q, v_q, tables, lengths, k_scales=k_s, v_scales=v_s,
+                        interpret=True, **options)
+  want = ref_paged_attention(q, k_deq, v_deq, tables, lengths, **options)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  out32 = np.asarray(out.astype(jnp.float32))
+  assert np.isfinite(out32).all()
+  np.testing.assert_allclose(out32, np.asarray(want.astype(jnp.float32)), **TOLERANCE[q_dtype])
+  np.testing.assert_array_equal(out32[np.asarray(lengths) == 0], 0.0)
+
+
+def test_int8_reference_and_dispatch_dequantize():
+  """ref with scales == ref on dequantized pages; paged_attention routes the scales everywhere."""
+  q, k_q, v_q, k_s, v_s, k_deq, v_deq, tables, lengths = make_int8_inputs(
+      (3, 0, 20), n=4, k=2, h=64, s=8, q_dtype=jnp.float32)
+  want = ref_paged_attention(q, k_deq, v_deq, tables, lengths)
+  got = ref_paged_attention(q, k_q, v_q, tables, lengths, k_scales=k_s, v_scales=v_s)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  args, scales = (q, k_q, v_q, tables, lengths), dict(k_scales=k_s, v_scales=v_s)
+  np.testing.assert_allclose(paged_attention(*args, **scales), want, atol=2e-5)
+  jitted = jax.jit(lambda *a, **kw: paged_attention(*a, backend="gpu", interpret=True, **kw))
+  np.testing.assert_allclose(jitted(*args, **scales), want, atol=2e-5)
+
+
+def test_int8_tpu_kernel_in_tpu_simulating_interpreter():
+  """The int8 TPU kernel under InterpretParams: the [K, P, 1, S_page] scale blocks DMA'd too."""
+  q, k_q, v_q, k_s, v_s, k_deq, v_deq, tables, lengths = make_int8_inputs(
+      (0, 1, 20), n=3, k=1, h=64, s=8, q_dtype=jnp.float32)
+  out = paged_attention_tpu(q, k_q, v_q, tables, lengths, k_scales=k_s, v_scales=v_s,
+                            pages_per_block=2, interpret=pltpu.InterpretParams())
+  want = ref_paged_attention(q, k_deq, v_deq, tables, lengths)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), **TOLERANCE[jnp.float32])
 
 
 @pytest.mark.parametrize("kernel", [
@@ -181,6 +255,40 @@ def test_validation_shapes(changes, message):
   for backend in ("xla", "tpu", "gpu"):
     with pytest.raises(ValueError, match=re.escape(message)):
       paged_attention(**_bad(**changes), backend=backend, interpret=True)
+
+
+def _bad_int8(**changes):
+  """Valid small int8 inputs (f32 q, S_page 8, H 64, N 4, K 2) with some replaced."""
+  q, k_q, v_q, k_s, v_s, _, _, tables, lengths = make_int8_inputs((3, 9), n=4, k=2, h=64, s=8,
+                                                                  q_dtype=jnp.float32)
+  args = dict(q=q, k_pages=k_q, v_pages=v_q, page_tables=tables, lengths=lengths, k_scales=k_s,
+              v_scales=v_s)
+  args.update(changes)
+  return {name: value for name, value in args.items() if value is not None}
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(k_scales=None, v_scales=None), "int8 k_pages/v_pages need k_scales and v_scales"),
+    (dict(v_scales=None), "k_scales and v_scales must be given together"),
+    (dict(k_pages=jnp.zeros((2, 11, 8, 64))), "k_pages and v_pages must be int8"),
+    (dict(q=jnp.zeros((2, 4, 64), jnp.int8)), "q must be floating"),
+    (dict(k_scales=jnp.ones((2, 11, 8), jnp.bfloat16)), "k_scales must be float32 [K, P, S_page]"),
+    (dict(v_scales=jnp.ones((2, 11, 8, 1), jnp.float32)),
+     "v_scales must be float32 [K, P, S_page] = (2, 11, 8)"),
+])
+def test_validation_int8_scales(changes, message):
+  for backend in ("xla", "tpu", "gpu"):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      paged_attention(**_bad_int8(**changes), backend=backend, interpret=True)
+
+
+def test_validation_int8_tpu_tiling():
+  """int8 tiles pack 32 rows per sublane tile: S_page must be a multiple of 32 on TPU."""
+  q, k_q, v_q, k_s, v_s, _, _, tables, lengths = make_int8_inputs(
+      (3, 9), n=4, k=2, h=128, s=16, q_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"TPU: page size S_page=16 must be a multiple of 32 for "
+                                       r"int8"):
+    paged_attention_tpu(q, k_q, v_q, tables, lengths, k_scales=k_s, v_scales=v_s)
 
 
 def test_validation_options_and_dispatch():

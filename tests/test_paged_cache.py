@@ -184,16 +184,18 @@ _forward = jax.jit(llama.forward, static_argnums=1)
 
 
 def _nan_pool(cache: PagedKVCache) -> PagedKVCache:
-  """Every page NaN: a read of anything not written since shows up in the logits."""
-  nan = lambda pages: jnp.full_like(pages, jnp.nan)
+  """Every page NaN (int8: every scale NaN, codes -77): a stale read shows up in the logits."""
+  nan = lambda pages: jnp.full_like(pages, -77 if pages.dtype == jnp.int8 else jnp.nan)
   return cache.replace(k_pages=tuple(map(nan, cache.k_pages)),
-                       v_pages=tuple(map(nan, cache.v_pages)))
+                       v_pages=tuple(map(nan, cache.v_pages)),
+                       k_scales=tuple(map(nan, cache.k_scales)),
+                       v_scales=tuple(map(nan, cache.v_scales)))
 
 
 class _PagedRun:
   """A paged cache with shuffled (non-contiguous) pages, grown on demand by the host."""
 
-  def __init__(self, batch, num_pages, page_size, max_pages_per_seq, seed):
+  def __init__(self, batch, num_pages, page_size, max_pages_per_seq, seed, dtype=jnp.float32):
     self.alloc = PageAllocator(num_pages)
     # Take every page, then hand them back in a random order: tables get scattered page ids.
     order = np.random.default_rng(seed).permutation(self.alloc.allocate(num_pages))
@@ -201,7 +203,8 @@ class _PagedRun:
       self.alloc.free([int(page)])
     self.tables = [[] for _ in range(batch)]
     self.max_pages_per_seq = max_pages_per_seq
-    self.cache = _nan_pool(PagedKVCache.init(CFG, num_pages, page_size, batch, max_pages_per_seq))
+    self.cache = _nan_pool(PagedKVCache.init(CFG, num_pages, page_size, batch, max_pages_per_seq,
+                                             dtype))
 
   def grow(self, lengths):
     """Covers `lengths[b]` tokens in row b, leaving the device lengths as the cache keeps them."""
@@ -211,8 +214,10 @@ class _PagedRun:
         page_table_array(self.tables, self.max_pages_per_seq), self.cache.lengths)
 
 
-@pytest.mark.parametrize("page_size,prompt_lens", [(4, (4, 3, 8)), (8, (8, 1, 5))])
-def test_paged_cache_matches_contiguous_cache(page_size, prompt_lens):
+@pytest.mark.parametrize("page_size,prompt_lens,dtype", [
+    (4, (4, 3, 8), jnp.float32), (8, (8, 1, 5), jnp.float32), (4, (5, 2, 8), jnp.int8)])
+def test_paged_cache_matches_contiguous_cache(page_size, prompt_lens, dtype):
+  """int8 too: both caches quantize the same K/V the same way, and the gather path dequantizes."""
   params, batch, steps = _params(), len(prompt_lens), 6
   rng = np.random.default_rng(page_size)
   t = max(prompt_lens)
@@ -221,9 +226,9 @@ def test_paged_cache_matches_contiguous_cache(page_size, prompt_lens):
   real_BxT = np.arange(t)[None, :] < np.asarray(prompt_lens)[:, None]
   positions_BxT = jnp.asarray(np.where(real_BxT, np.arange(t)[None, :], PAD_POSITION), jnp.int32)
 
-  dense = KVCache.init(CFG, batch, max_pages * page_size)
+  dense = KVCache.init(CFG, batch, max_pages * page_size, dtype)
   paged = _PagedRun(batch, num_pages=batch * max_pages + 2, page_size=page_size,
-                    max_pages_per_seq=max_pages, seed=page_size)
+                    max_pages_per_seq=max_pages, seed=page_size, dtype=dtype)
   paged.grow(prompt_lens)
   want, dense = _forward(params, CFG, tokens_BxT, positions_BxT, dense)
   got, paged.cache = _forward(params, CFG, tokens_BxT, positions_BxT, paged.cache)
@@ -246,9 +251,11 @@ def test_paged_cache_matches_contiguous_cache(page_size, prompt_lens):
 
   # Pages no row ever held were never written.
   used = {p for table in paged.tables for p in table}
-  for pages in paged.cache.k_pages + paged.cache.v_pages:
-    unused = [p for p in range(paged.cache.num_pages) if p not in used]
-    assert np.isnan(np.asarray(pages)[:, unused]).all()
+  unused = [p for p in range(paged.cache.num_pages) if p not in used]
+  floats = paged.cache.k_scales + paged.cache.v_scales if dtype == jnp.int8 else (
+      paged.cache.k_pages + paged.cache.v_pages)
+  for pool in floats:
+    assert np.isnan(np.asarray(pool)[:, unused]).all()
 
 
 def test_writes_without_a_page_or_out_of_range_are_dropped():

@@ -5,6 +5,11 @@ minor contraction dim: XLA then reads the cache in place instead of transposing 
 
 Row b of the batch keeps the key/value of its token at position p in slot p, so a query at position
 p attends to slots 0..p. Slots past a row's last write hold stale values that the causal mask hides.
+
+With dtype int8 the buffers hold int8 codes plus one float32 scale per (row, KV head, slot)
+(`jinfer.quant.kv`): k_scales / v_scales [B, K, S] per layer, the buffers' layout minus H, so
+every leaf keeps the batch as its leading dim and row gathers (`jax.tree.map(lambda x: x[rows],
+cache)`, beam reordering) move codes and scales together. `keys_values` dequantizes to float32.
 """
 
 from __future__ import annotations
@@ -15,42 +20,71 @@ import jax.numpy as jnp
 
 from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
+from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
 
 
 @flax.struct.dataclass
 class KVCache:
   k: tuple[jax.Array, ...]  # per layer: [B, K, S, H]
   v: tuple[jax.Array, ...]  # per layer: [B, K, S, H]
+  # int8 caches only, per layer [B, K, S] float32; empty tuples otherwise (no pytree leaves).
+  k_scales: tuple[jax.Array, ...] = ()
+  v_scales: tuple[jax.Array, ...] = ()
 
   @classmethod
   def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    """A zeroed cache; dtype jnp.int8 stores int8 K/V with per-(token, head) float32 scales."""
     shape = (batch, config.n_kv_heads, max_len, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-    return cls(k=zeros, v=zeros)
+    scales = ()
+    if is_int8(dtype):
+      scales = tuple(jnp.ones(shape[:3], jnp.float32) for _ in range(config.n_layers))
+    return cls(k=zeros, v=zeros, k_scales=scales, v_scales=scales)
 
   @property
   def max_len(self) -> int:
     return self.k[0].shape[2]
 
+  @property
+  def quantized(self) -> bool:
+    """Whether K/V are stored as int8 codes plus scales."""
+    return bool(self.k_scales)
+
   def write(self, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
             positions_BxT: jax.Array) -> "KVCache":
-    """Stores the new keys/values of `layer` at their positions; out-of-range writes are dropped."""
+    """Stores the new keys/values of `layer` at their positions; out-of-range writes are dropped.
+
+    An int8 cache quantizes them first (one scale per token and KV head).
+    """
     batch_idx = jnp.arange(k_BxTxKxH.shape[0])[:, None]
-    # Advanced indices around a slice: the update is indexed [B, T, K, H], the new K/V's layout.
-    k_layer = self.k[layer].at[batch_idx, :, positions_BxT].set(
-        k_BxTxKxH.astype(self.k[layer].dtype), mode="drop")
-    v_layer = self.v[layer].at[batch_idx, :, positions_BxT].set(
-        v_BxTxKxH.astype(self.v[layer].dtype), mode="drop")
-    return self.replace(k=_replace_at(self.k, layer, k_layer), v=_replace_at(self.v, layer, v_layer))
+    # Advanced indices around a slice: the update is indexed [B, T, K, (H)], the new K/V's layout.
+    put = lambda buffer, update: buffer.at[batch_idx, :, positions_BxT].set(
+        update.astype(buffer.dtype), mode="drop")
+    if not self.quantized:
+      return self.replace(k=_replace_at(self.k, layer, put(self.k[layer], k_BxTxKxH)),
+                          v=_replace_at(self.v, layer, put(self.v[layer], v_BxTxKxH)))
+    (k_q, k_scale_BxTxK), (v_q, v_scale_BxTxK) = quantize_kv(k_BxTxKxH), quantize_kv(v_BxTxKxH)
+    return self.replace(
+        k=_replace_at(self.k, layer, put(self.k[layer], k_q)),
+        v=_replace_at(self.v, layer, put(self.v[layer], v_q)),
+        k_scales=_replace_at(self.k_scales, layer, put(self.k_scales[layer], k_scale_BxTxK)),
+        v_scales=_replace_at(self.v_scales, layer, put(self.v_scales[layer], v_scale_BxTxK)))
 
   def keys_values(self, layer: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns (k [B,K,S,H], v [B,K,S,H], key positions [S]) for attention."""
-    return self.k[layer], self.v[layer], jnp.arange(self.max_len)
+    """Returns (k [B,K,S,H], v [B,K,S,H], key positions [S]) for attention (float32 if int8)."""
+    positions_S = jnp.arange(self.max_len)
+    if not self.quantized:
+      return self.k[layer], self.v[layer], positions_S
+    return (dequantize_kv(self.k[layer], self.k_scales[layer]),
+            dequantize_kv(self.v[layer], self.v_scales[layer]), positions_S)
 
   def attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """Causal attention [B, T, N, H] of queries at `positions` over this layer's cache."""
     k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
-    return attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT, k_positions_S[None, :])
+    out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT,
+                            k_positions_S[None, :])
+    # Dequantized K/V are float32: keep a bfloat16 model's activations bfloat16.
+    return out_BxTxNxH.astype(q_BxTxNxH.dtype) if self.quantized else out_BxTxNxH
 
 
 def _replace_at(items: tuple, index: int, value) -> tuple:

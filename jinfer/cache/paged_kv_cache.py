@@ -25,6 +25,23 @@ as it is. Why this order:
   which helps when K is tiny; the per-head tile above is what the decode kernels here are
   written against.
 
+int8 pools (dtype=jnp.int8, `jinfer.quant.kv`): k_pages / v_pages hold int8 codes and
+k_scales / v_scales [K, P, S_page] float32 hold one scale per (KV head, page, slot), i.e. per
+cached token and head. Why this layout:
+- Same leading (K, P) as the pages: sharding KV heads slices both alike, a page id indexes both,
+  and `copy_pages` is one gather for each.
+- The kernels use a block's scales as a [1, T] row: T is the minor (lane) axis of the [G, T]
+  logits and probabilities they scale, so the row broadcasts over the G query heads with no
+  transpose. JAX's TPU kernel keeps scales as [K, P, S_page, 1] and broadcasts them to H before
+  the call: tokens on sublanes, and a float32 scale pool 4x the int8 pages.
+- GPU: a page's scales are S_page contiguous floats, one coalesced read beside the page.
+- TPU: Mosaic wants a block's last two dims to be multiples of (8, 128) or the array's full
+  dims; one page's (1, S_page) row of [K, P, S_page] breaks that on the page dim, so the TPU
+  wrapper hands the kernel a [K, P, 1, S_page] view. That is free on GPU/CPU; on TPU XLA may
+  relayout it, copying the scale pool (4 / H of the int8 pages' bytes) per call. HBM tiles
+  also pad S_page to 128 lanes (4x at the int8 minimum S_page = 32). Neither is measured yet.
+Memory per token and head: H + 4 bytes against 2H for bfloat16 (0.52x at H = 128).
+
 `write`, `keys_values` and `attend` mirror `KVCache`, so `llama.forward` drives either cache
 unchanged. `keys_values` gathers each row's pages into a contiguous [B, K, S, H] view: the
 pure-XLA path. With the static `attention_impl="pallas"`, `attend` runs one-token (decode)
@@ -44,6 +61,7 @@ import numpy as np
 from jinfer.cache.page_allocator import NO_PAGE
 from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
+from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
 
 IntArray = Union[jax.Array, np.ndarray, Sequence[int]]
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -56,13 +74,16 @@ class PagedKVCache:
   `lengths[b]` is one past the highest position row b has written (write advances it; the host
   may set it with `with_page_tables`). Slots at or past it, and page-table entries equal to
   NO_PAGE, are never read: `keys_values` returns zeros there, so stale or uninitialised pages
-  cannot leak into attention even as 0 * NaN.
+  (or scales) cannot leak into attention even as 0 * NaN.
   """
 
   k_pages: tuple[jax.Array, ...]  # per layer: [K, P, S_page, H]
   v_pages: tuple[jax.Array, ...]  # per layer: [K, P, S_page, H]
   page_tables: jax.Array  # [B, max_pages_per_seq] int32 page ids, NO_PAGE where unused
   lengths: jax.Array  # [B] int32 tokens cached per row
+  # int8 pools only, per layer [K, P, S_page] float32; empty tuples otherwise (no pytree leaves).
+  k_scales: tuple[jax.Array, ...] = ()
+  v_scales: tuple[jax.Array, ...] = ()
   # "xla" (gather + XLA attention) or "pallas" (paged-attention kernel for decode). Static: part
   # of the tree structure, so jit specializes on it.
   attention_impl: str = flax.struct.field(pytree_node=False, default="xla")
@@ -71,7 +92,10 @@ class PagedKVCache:
   def init(cls, config: LlamaConfig, num_pages: int, page_size: int, batch: int,
            max_pages_per_seq: int, dtype=jnp.float32,
            attention_impl: str = "xla") -> "PagedKVCache":
-    """A zeroed pool of `num_pages` pages of `page_size` tokens; every row empty (no pages)."""
+    """A zeroed pool of `num_pages` pages of `page_size` tokens; every row empty (no pages).
+
+    dtype jnp.int8 stores int8 K/V with one float32 scale per (token, KV head).
+    """
     if attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}; got {attention_impl!r}.")
     if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
@@ -80,7 +104,10 @@ class PagedKVCache:
           f"({max_pages_per_seq}) must all be at least 1.")
     shape = (config.n_kv_heads, num_pages, page_size, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-    return cls(k_pages=zeros, v_pages=zeros,
+    scales = ()
+    if is_int8(dtype):
+      scales = tuple(jnp.ones(shape[:3], jnp.float32) for _ in range(config.n_layers))
+    return cls(k_pages=zeros, v_pages=zeros, k_scales=scales, v_scales=scales,
                page_tables=jnp.full((batch, max_pages_per_seq), NO_PAGE, jnp.int32),
                lengths=jnp.zeros((batch,), jnp.int32), attention_impl=attention_impl)
 
@@ -91,6 +118,11 @@ class PagedKVCache:
   @property
   def page_size(self) -> int:
     return self.k_pages[0].shape[2]
+
+  @property
+  def quantized(self) -> bool:
+    """Whether the pools hold int8 codes plus scales."""
+    return bool(self.k_scales)
 
   @property
   def max_pages_per_seq(self) -> int:
@@ -118,26 +150,34 @@ class PagedKVCache:
 
     A position outside [0, max_len) or in a page-table entry holding NO_PAGE is dropped (so
     padding tokens may use any out-of-range position). Rows must not write to a page another row
-    holds: make it private first (`PageAllocator.writable` + `copy_pages`).
+    holds: make it private first (`PageAllocator.writable` + `copy_pages`). An int8 pool
+    quantizes them first (one scale per token and KV head).
     """
     page_BxT, slot_BxT, valid_BxT = self._locate(positions_BxT)
     # Dropped writes go to page id P, out of bounds, which mode="drop" skips.
     page_BxT = jnp.where(valid_BxT, page_BxT, self.num_pages)
-    heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [B, T, K, H] -> [K, B, T, H]
-    # Adjacent advanced indices: the update is indexed [K, B, T, H].
-    k_layer = self.k_pages[layer].at[:, page_BxT, slot_BxT].set(
-        heads_first(k_BxTxKxH).astype(self.k_pages[layer].dtype), mode="drop")
-    v_layer = self.v_pages[layer].at[:, page_BxT, slot_BxT].set(
-        heads_first(v_BxTxKxH).astype(self.v_pages[layer].dtype), mode="drop")
+    heads_first = lambda x: jnp.moveaxis(x, 2, 0)  # [B, T, K, (H)] -> [K, B, T, (H)]
+    # Adjacent advanced indices: the update is indexed [K, B, T, (H)].
+    put = lambda pool, update: pool.at[:, page_BxT, slot_BxT].set(
+        heads_first(update).astype(pool.dtype), mode="drop")
     written_B = jnp.max(jnp.where(valid_BxT, positions_BxT + 1, 0), axis=1)
-    return self.replace(k_pages=_replace_at(self.k_pages, layer, k_layer),
-                        v_pages=_replace_at(self.v_pages, layer, v_layer),
-                        lengths=jnp.maximum(self.lengths, written_B.astype(jnp.int32)))
+    cache = self.replace(lengths=jnp.maximum(self.lengths, written_B.astype(jnp.int32)))
+    if not self.quantized:
+      return cache.replace(
+          k_pages=_replace_at(self.k_pages, layer, put(self.k_pages[layer], k_BxTxKxH)),
+          v_pages=_replace_at(self.v_pages, layer, put(self.v_pages[layer], v_BxTxKxH)))
+    (k_q, k_scale_BxTxK), (v_q, v_scale_BxTxK) = quantize_kv(k_BxTxKxH), quantize_kv(v_BxTxKxH)
+    return cache.replace(
+        k_pages=_replace_at(self.k_pages, layer, put(self.k_pages[layer], k_q)),
+        v_pages=_replace_at(self.v_pages, layer, put(self.v_pages[layer], v_q)),
+        k_scales=_replace_at(self.k_scales, layer, put(self.k_scales[layer], k_scale_BxTxK)),
+        v_scales=_replace_at(self.v_scales, layer, put(self.v_scales[layer], v_scale_BxTxK)))
 
   def keys_values(self, layer: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (k [B,K,S,H], v [B,K,S,H], key positions [S]), S = max_len, gathered from pages.
 
     Slots past a row's length or without a page read as zeros (the causal mask hides them).
+    An int8 pool is dequantized to float32.
     """
     b, m = self.page_tables.shape
     has_page_BxM = (self.page_tables >= 0) & (self.page_tables < self.num_pages)
@@ -146,14 +186,22 @@ class PagedKVCache:
     readable_BxS = (jnp.repeat(has_page_BxM, self.page_size, axis=1)
                     & (positions_S[None, :] < self.lengths[:, None]))
 
-    def gather(pages_KxPxSpxH: jax.Array) -> jax.Array:
-      kv_heads, _, page_size, h = pages_KxPxSpxH.shape
-      pages_KxBxMxSpxH = pages_KxPxSpxH[:, table_BxM]
-      seq_BxKxSxH = pages_KxBxMxSpxH.transpose(1, 0, 2, 3, 4).reshape(
-          b, kv_heads, m * page_size, h)
+    def gather(pages_KxPxSpx___: jax.Array) -> jax.Array:
+      """[K, P, S_page, (H)] pool -> [B, K, S, (H)] rows; works for pages and scales."""
+      kv_heads, _, page_size, *h = pages_KxPxSpx___.shape
+      pages_KxBxMxSpx___ = pages_KxPxSpx___[:, table_BxM]
+      return jnp.moveaxis(pages_KxBxMxSpx___, 1, 0).reshape(b, kv_heads, m * page_size, *h)
+
+    def read(pages, scales) -> jax.Array:
+      seq_BxKxSxH = gather(pages)
+      if self.quantized:
+        seq_BxKxSxH = dequantize_kv(seq_BxKxSxH, gather(scales))
+      # After dequantizing: a NaN scale in an unreadable slot becomes 0 here.
       return jnp.where(readable_BxS[:, None, :, None], seq_BxKxSxH, 0)
 
-    return gather(self.k_pages[layer]), gather(self.v_pages[layer]), positions_S
+    scales = lambda s: s[layer] if self.quantized else None
+    return (read(self.k_pages[layer], scales(self.k_scales)),
+            read(self.v_pages[layer], scales(self.v_scales)), positions_S)
 
   def attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """Causal attention [B, T, N, H] of queries at `positions` over this layer's pages.
@@ -165,23 +213,31 @@ class PagedKVCache:
     if q_BxTxNxH.shape[1] == 1 and self.attention_impl == "pallas":
       from pallas_kernels.paged_attention import paged_attention  # pylint: disable=g-import-not-at-top
       backend, interpret = _kernel_backend()
+      scales = {}
+      if self.quantized:  # int8 pages: the kernel scales logits and probabilities in place
+        scales = {"k_scales": self.k_scales[layer], "v_scales": self.v_scales[layer]}
       out_BxNxH = paged_attention(
           q_BxTxNxH[:, 0], self.k_pages[layer], self.v_pages[layer], self.page_tables,
-          positions_BxT[:, 0] + 1, backend=backend, interpret=interpret)
+          positions_BxT[:, 0] + 1, backend=backend, interpret=interpret, **scales)
       return out_BxNxH[:, None]
     k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
-    return attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT, k_positions_S[None, :])
+    out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT,
+                            k_positions_S[None, :])
+    # Dequantized K/V are float32: keep a bfloat16 model's activations bfloat16.
+    return out_BxTxNxH.astype(q_BxTxNxH.dtype) if self.quantized else out_BxTxNxH
 
   def copy_pages(self, src: IntArray, dst: IntArray) -> "PagedKVCache":
-    """Copies whole pages src[i] -> dst[i] in every layer's K and V (for copy-on-write)."""
+    """Copies whole pages src[i] -> dst[i] in every layer's K and V, and their scales if int8."""
     src_C = jnp.asarray(src, jnp.int32).reshape(-1)
     dst_C = jnp.asarray(dst, jnp.int32).reshape(-1)
     if src_C.shape != dst_C.shape:
       raise ValueError(f"copy_pages needs as many sources as destinations; got "
                        f"{src_C.shape[0]} and {dst_C.shape[0]}.")
     copy = lambda pages: pages.at[:, dst_C].set(pages[:, src_C])
-    return self.replace(k_pages=tuple(copy(p) for p in self.k_pages),
-                        v_pages=tuple(copy(p) for p in self.v_pages))
+    return self.replace(k_pages=tuple(map(copy, self.k_pages)),
+                        v_pages=tuple(map(copy, self.v_pages)),
+                        k_scales=tuple(map(copy, self.k_scales)),
+                        v_scales=tuple(map(copy, self.v_scales)))
 
   def _locate(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(page id, slot in page, writable?) of each position of each row."""

@@ -3,6 +3,7 @@
 `paged_attention` picks an implementation; the backend-specific wrappers take tuning values.
 Layout (jinfer.cache.paged_kv_cache): q [B, N, H], k/v pages [K, P, S_page, H], page_tables
 [B, M] int32 (NO_PAGE = -1 unused), lengths [B]; query head n uses KV head n // (N // K).
+An int8 cache passes int8 pages plus float32 k_scales / v_scales [K, P, S_page].
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _BACKENDS = ("auto", "tpu", "gpu", "xla")
 def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str = "auto",
                     interpret: bool | None = None, scale: float | None = None,
                     soft_cap: float | None = None, sliding_window: int | None = None,
+                    k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
                     **tuning) -> jax.Array:
   """Decode attention of q [B, N, H] over paged K/V -> [B, N, H].
 
@@ -31,6 +33,8 @@ def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str =
   interpret=True); "xla" is the reference.
   interpret: run the kernel in Pallas interpret mode (any platform, slow; None means False:
   a kernel never silently falls back to the interpreter).
+  k_scales / v_scales: float32 [K, P, S_page] scales of int8 k_pages / v_pages (both or
+  neither); the kernels scale logits and probabilities by them instead of dequantizing pages.
   tuning: backend keyword args (pages_per_block, num_splits, num_warps, num_stages).
   """
   if backend not in _BACKENDS:
@@ -39,11 +43,13 @@ def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str =
   auto = backend == "auto"
   if auto:
     backend = platform if platform in ("tpu", "gpu") else "xla"
-  common = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+  common = {"scale": scale, "soft_cap": soft_cap, "sliding_window": sliding_window,
+            "k_scales": k_scales, "v_scales": v_scales}
   if backend == "xla":
     if tuning and not auto:  # auto ignores kernel tuning so one call runs on every platform
       raise ValueError(f"backend='xla' takes no tuning arguments; got {sorted(tuning)}.")
-    validation.check_inputs(q, k_pages, v_pages, page_tables, lengths, soft_cap=soft_cap,
+    validation.check_inputs(q, k_pages, v_pages, page_tables, lengths, k_scales=k_scales,
+                            v_scales=v_scales, soft_cap=soft_cap,
                             sliding_window=sliding_window)
     return ref_paged_attention(q, k_pages, v_pages, page_tables, lengths, **common)
   interpret = bool(interpret)

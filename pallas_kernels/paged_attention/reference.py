@@ -3,6 +3,9 @@
 One query token per sequence attends to the first `lengths[b]` tokens of its pages. Token i of
 row b lives in page `page_tables[b, i // S_page]` at slot `i % S_page` (the layout of
 `jinfer.cache.paged_kv_cache`). Query head n reads KV head n // G, G = N // K.
+
+int8 pages come with float32 scales [K, P, S_page], one per (KV head, page slot): the key or
+value there is `pages * scales[..., None]` (`jinfer.quant.kv`).
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ def dot_f32(a_GxC: jax.Array, b: jax.Array, *, contract_b: int) -> jax.Array:
 
 def ref_paged_attention(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
                         v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
-                        lengths_B: jax.Array, *, scale: float | None = None,
+                        lengths_B: jax.Array, *, k_scales: jax.Array | None = None,
+                        v_scales: jax.Array | None = None, scale: float | None = None,
                         soft_cap: float | None = None,
                         sliding_window: int | None = None) -> jax.Array:
   """Decode attention over paged K/V, softmax in float32; returns [B, N, H] in q's dtype.
 
   Slots past a row's length, outside its window, or behind a NO_PAGE (-1) entry are masked and
-  zeroed before use, so NaN garbage there cannot leak (not even as 0 * NaN). Rows with nothing
-  visible (length 0) return zeros.
+  zeroed before use, so NaN garbage there (pages or scales) cannot leak (not even as 0 * NaN).
+  Rows with nothing visible (length 0) return zeros. With k_scales / v_scales [K, P, S_page]
+  the int8 pages are dequantized after the gather.
   """
   b, n, h = q_BxNxH.shape
   kv_heads, num_pages, page_size, _ = k_pages_KxPxSxH.shape
@@ -59,12 +64,16 @@ def ref_paged_attention(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
   visible_BxT = (pos_T[None] >= lo_B[:, None]) & (pos_T[None] < hi_B[:, None])
   table_BxM = jnp.clip(page_tables_BxM, 0, num_pages - 1)
 
-  def gather(pages_KxPxSxH: jax.Array) -> jax.Array:
+  def gather(pages_KxPxSxH: jax.Array, scales_KxPxS: jax.Array | None) -> jax.Array:
     seq_BxKxTxH = pages_KxPxSxH[:, table_BxM].transpose(1, 0, 2, 3, 4).reshape(
         b, kv_heads, m * page_size, h).astype(jnp.float32)
+    if scales_KxPxS is not None:
+      seq_BxKxTxH = seq_BxKxTxH * scales_KxPxS[:, table_BxM].transpose(1, 0, 2, 3).reshape(
+          b, kv_heads, m * page_size, 1)
     return jnp.where(visible_BxT[:, None, :, None], seq_BxKxTxH, 0.0)
 
-  k_BxKxTxH, v_BxKxTxH = gather(k_pages_KxPxSxH), gather(v_pages_KxPxSxH)
+  k_BxKxTxH = gather(k_pages_KxPxSxH, k_scales)
+  v_BxKxTxH = gather(v_pages_KxPxSxH, v_scales)
   q_BxKxGxH = q_BxNxH.astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
   s_BxKxGxT = jnp.einsum("BKGH,BKTH->BKGT", q_BxKxGxH, k_BxKxTxH,
                          precision=jax.lax.Precision.HIGHEST) * scale

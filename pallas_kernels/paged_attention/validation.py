@@ -34,11 +34,12 @@ def _is_pow2(x: int) -> bool:
   return x >= 1 and (x & (x - 1)) == 0
 
 
-def check_inputs(q, k_pages, v_pages, page_tables, lengths, *,
+def check_inputs(q, k_pages, v_pages, page_tables, lengths, *, k_scales=None, v_scales=None,
                  soft_cap: float | None = None, sliding_window: int | None = None) -> Dims:
   """Checks shapes and dtypes agree; returns the dimension sizes.
 
   Lengths are also checked against the page-table capacity when they are concrete (outside jit).
+  With k_scales / v_scales the pages must be int8 and the scales float32 [K, P, S_page].
   """
   if q.ndim != 3:
     raise ValueError(f"q must be [B, N, H] (one decode token per row); got shape {q.shape}.")
@@ -62,11 +63,7 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *,
   if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(
         f"lengths must be an integer array of shape [B={b}]; got {lengths.dtype} {lengths.shape}.")
-  if not jnp.issubdtype(q.dtype, jnp.floating) or q.dtype != k_pages.dtype or (
-      k_pages.dtype != v_pages.dtype):
-    raise ValueError(
-        f"q, k_pages and v_pages must share one floating dtype; got {q.dtype}, {k_pages.dtype}, "
-        f"{v_pages.dtype}. Cast q to the cache dtype.")
+  _check_dtypes(q, k_pages, v_pages, k_scales, v_scales)
   if soft_cap is not None and not soft_cap > 0:
     raise ValueError(f"soft_cap must be positive or None; got {soft_cap}.")
   if sliding_window is not None and not sliding_window >= 1:
@@ -79,6 +76,34 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *,
           f"lengths must lie in [0, M * S_page] = [0, {m * s}] (M={m} pages of S_page={s}); "
           f"got min {lengths_np.min()}, max {lengths_np.max()}. Grow page_tables or trim lengths.")
   return Dims(b=b, n=n, h=h, k=k, p=p, s=s, m=m)
+
+
+def _check_dtypes(q, k_pages, v_pages, k_scales, v_scales) -> None:
+  """Float pages share q's dtype; int8 pages come with float32 [K, P, S_page] scales."""
+  if (k_scales is None) != (v_scales is None):
+    raise ValueError("k_scales and v_scales must be given together (int8 K and V pages).")
+  if k_scales is None:
+    if k_pages.dtype == jnp.int8 or v_pages.dtype == jnp.int8:
+      raise ValueError(
+          f"int8 k_pages/v_pages need k_scales and v_scales (float32 [K, P, S_page] = "
+          f"{k_pages.shape[:3]}); pass the int8 cache's scales.")
+    if not jnp.issubdtype(q.dtype, jnp.floating) or q.dtype != k_pages.dtype or (
+        k_pages.dtype != v_pages.dtype):
+      raise ValueError(
+          f"q, k_pages and v_pages must share one floating dtype; got {q.dtype}, "
+          f"{k_pages.dtype}, {v_pages.dtype}. Cast q to the cache dtype.")
+    return
+  if k_pages.dtype != jnp.int8 or v_pages.dtype != jnp.int8:
+    raise ValueError(
+        f"with k_scales/v_scales, k_pages and v_pages must be int8; got {k_pages.dtype} and "
+        f"{v_pages.dtype}. Drop the scales for a float cache.")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"q must be floating (float32 or bfloat16) for int8 pages; got {q.dtype}.")
+  for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if scales.shape != k_pages.shape[:3] or scales.dtype != jnp.float32:
+      raise ValueError(
+          f"{name} must be float32 [K, P, S_page] = {k_pages.shape[:3]} (one scale per page "
+          f"slot and KV head); got {scales.dtype} {scales.shape}.")
 
 
 def check_tpu_tiling(dims: Dims, dtype) -> None:
