@@ -1,6 +1,7 @@
 """jinfer: a JAX-first research inference framework for language models.
 
-Public API: `load_model`, `Model`, `SamplingParams`, `generate`, `generate_stream`, `Completion`.
+Public API: `load_model`, `Model`, `SamplingParams`, `generate`, `generate_stream`, `Completion`,
+`beam_search`, `perplexity`.
 """
 
 from jinfer.decoding.beam_search import BeamSearchParams, BeamSequence, beam_search
@@ -9,11 +10,12 @@ from jinfer.decoding.sampling import SamplingParams
 from jinfer.decoding.speculative import SpeculativeConfig
 from jinfer.errors import (CheckpointError, ChecksumMismatchError, InvalidRequestError,
                            JinferError, UnknownModelError, UnsupportedArchitectureError)
+from jinfer.evaluate import perplexity
 from jinfer.model import Model, load_model
 
 __all__ = [
     "load_model", "Model", "SamplingParams", "generate", "generate_stream", "Completion",
     "StreamDelta", "JinferError", "CheckpointError", "ChecksumMismatchError",
     "InvalidRequestError", "UnknownModelError", "UnsupportedArchitectureError",
-    "beam_search", "BeamSearchParams", "BeamSequence", "SpeculativeConfig",
+    "beam_search", "BeamSearchParams", "BeamSequence", "SpeculativeConfig", "perplexity",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ import numpy as np
 from jinfer.errors import InvalidRequestError
 from jinfer.models import llama
 from jinfer.models.config import LlamaConfig
+from jinfer.quant import weights as quant_weights
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -59,6 +60,18 @@ class Model:
       raise InvalidRequestError(f"token ids must have shape [batch, length], got {tokens.shape}.")
     return _full_forward(self.params, tokens, config=self.config)
 
+  @property
+  def quantization(self) -> Optional[dict[str, Any]]:
+    """None for float weights, else {'mode', 'group_size', 'embeddings'}."""
+    return quant_weights.describe(self.params)
+
+  def quantize(self, mode: str, *, group_size: Optional[int] = None,
+               embeddings: bool = False) -> "Model":
+    """This model with its projections quantized ('int8' or 'int4'; see jinfer.quant.weights)."""
+    params = quant_weights.quantize_params(self.params, mode, group_size=group_size,
+                                           embeddings=embeddings)
+    return dataclasses.replace(self, params=params)
+
   def save(self, path) -> None:
     """Writes an Orbax checkpoint that `load_model(path)` restores without re-converting."""
     from jinfer.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
@@ -80,11 +93,14 @@ def resolve_dtype(dtype) -> Any:
 
 
 def cast_params(params, dtype) -> dict[str, Any]:
-  """Moves params to the default device in `dtype` (floating arrays only)."""
+  """Moves params to the default device in `dtype` (float weights only: quantized weights keep
+  their codes and float32 scales)."""
   def cast(x):
+    if isinstance(x, quant_weights.QuantizedWeight):
+      return jax.tree.map(jnp.asarray, x)
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
     return jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
-  return jax.tree.map(cast, params)
+  return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, quant_weights.QuantizedWeight))
 
 
 def resolve_attention_impl(attention_impl: str) -> str:
@@ -99,19 +115,30 @@ def resolve_attention_impl(attention_impl: str) -> str:
 
 def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
                attention_impl: str = "xla", kv_cache_dtype: str = "auto",
-               page_size: int = 16) -> Model:
+               page_size: int = 16, quantize: Optional[str] = None) -> Model:
   """Loads a registry name, a .gguf file, a Hugging Face directory or a jinfer Orbax checkpoint.
 
   Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16'). `attention_impl`
   ('xla', 'pallas' or 'auto') sets how generate decodes (see `Model.attention_impl`);
   `kv_cache_dtype` ('auto' or 'int8') and `page_size` set the KV cache it decodes through.
+  `quantize` ('int8': per-channel int8, 'int4': group-wise int4) quantizes the projections
+  after loading; a checkpoint saved quantized loads quantized as it was saved.
   """
   from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
   dtype = resolve_dtype(dtype)
   attention_impl = resolve_attention_impl(attention_impl)
+  if quantize not in (None, *quant_weights.MODES):
+    raise InvalidRequestError(f"quantize={quantize!r} is not supported; use None or one of "
+                              f"{list(quant_weights.MODES)}.")
   kind, path = registry.resolve(name_or_path)
   loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
   config, params, tokenizer = loader(path)
-  return Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer,
-               attention_impl=attention_impl, kv_cache_dtype=kv_cache_dtype,
-               page_size=page_size)
+  model = Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer,
+                attention_impl=attention_impl, kv_cache_dtype=kv_cache_dtype, page_size=page_size)
+  if quantize is None or (model.quantization or {}).get("mode") == quantize:
+    return model
+  if model.quantization is not None:
+    raise InvalidRequestError(
+        f"'{name_or_path}' holds {model.quantization['mode']} weights; it cannot be "
+        f"re-quantized to {quantize!r}. Load the float checkpoint, or pass quantize=None.")
+  return model.quantize(quantize)

@@ -1,8 +1,10 @@
 """Saves and loads jinfer checkpoints: Orbax params + JSON config + tokenizer files.
 
 Layout of a checkpoint directory:
-  jinfer_config.json   {"format": "jinfer-orbax", "version": 1, "config": {...LlamaConfig...}}
-  params/              an Orbax PyTree checkpoint; dtypes are kept as saved (bf16, int8, ...)
+  jinfer_config.json   {"format": "jinfer-orbax", "version": 1, "config": {...LlamaConfig...},
+                        "quantization": null or {"mode", "group_size", "embeddings"}}
+  params/              an Orbax PyTree checkpoint; dtypes are kept as saved (bf16, int8, ...);
+                       quantized weights are {"codes", "scales"[, "offsets"]} dicts
   tokenizer/           whatever Tokenizer.save writes (tokenizer.json, tokenizer_config.json)
 Everything is written to a hidden sibling temp directory and renamed into place at the end, so
 an interrupted save leaves no directory at `path`.
@@ -24,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from jinfer.errors import CheckpointError
 from jinfer.models.config import LlamaConfig, RopeScaling
+from jinfer.quant import weights as quant_weights
 
 if TYPE_CHECKING:
   from jinfer.tokenizers import Tokenizer
@@ -47,13 +50,13 @@ def save(path: str | os.PathLike, config: LlamaConfig, params: Params, tokenizer
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
   try:
-    ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, params)
+    ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, quant_weights.to_plain(params))
     (tmp / TOKENIZER_DIR).mkdir()
     tokenizer.save(tmp / TOKENIZER_DIR)
     # Written last: a directory without it is never taken for a checkpoint.
     (tmp / CONFIG_FILE).write_text(json.dumps(
-        {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config)},
-        indent=2))
+        {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
+         "quantization": quant_weights.describe(params)}, indent=2))
     _move_into_place(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,7 +106,8 @@ def load_params(path: str | os.PathLike) -> tuple[LlamaConfig, Params]:
     raise CheckpointError(
         f"'{path}' has checkpoint format version {meta.get('version')}; this jinfer reads "
         f"version {FORMAT_VERSION}. Re-save it with this version of jinfer.")
-  return config_from_dict(meta["config"]), _restore_params(path / PARAMS_DIR)
+  params = _restore_params(path / PARAMS_DIR)
+  return config_from_dict(meta["config"]), quant_weights.restore(params, meta.get("quantization"))
 
 
 def _restore_params(path: Path) -> Params:

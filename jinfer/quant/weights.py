@@ -1,0 +1,262 @@
+"""int8 and int4 weight quantization of the [out, in] projection matrices.
+
+Formats (`QuantizedWeight.bits`):
+- int8: symmetric, w ~= q * scale with q in [-127, 127]; one scale per output channel (row), or
+  per group of `group_size` inputs of a row. Per-channel scales factor out of the dot product,
+  so they are applied once after accumulation (the Pallas int8 matmul does exactly that).
+- int4: asymmetric per group (default 32 inputs), w ~= q * scale + offset with q in [0, 15],
+  two codes per byte (even input in the low nibble). The offset (the group's minimum) keeps
+  groups whose values are not centred on zero at full resolution: it is the layout of
+  GGUF's Q4_1 and of AWQ/GPTQ's zero points.
+
+Only the matrices that carry the FLOPs and bytes are quantized (per layer w_qkv, wo, w_gate_up,
+w_down); norms stay in the model dtype. The embedding table (which is also the LM head when
+tied) and an untied lm_head are quantized to int8 per row when asked: a row gather of the
+table dequantizes just the looked-up rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.errors import InvalidRequestError
+
+Params = dict[str, Any]
+MODES = ("int8", "int4")
+PROJECTIONS = ("w_qkv", "wo", "w_gate_up", "w_down")
+EMBEDDINGS = ("embed", "lm_head")
+INT4_GROUP_SIZE = 32
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+  """An [O, I] weight as integer codes with float32 scales (and offsets for int4)."""
+
+  codes: jax.Array  # int8 [O, I] (int8) or uint8 [O, I // 2] (int4, two codes per byte)
+  scales: jax.Array  # float32 [O] (int8 per channel) or [O, I // group_size]
+  offsets: Optional[jax.Array] = None  # int4 only: float32 [O, I // group_size]
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    out_features, stored = self.codes.shape
+    return out_features, stored * (8 // self.bits)
+
+  @property
+  def group_size(self) -> Optional[int]:
+    """Inputs per scale, or None for one scale per output channel."""
+    return None if self.scales.ndim == 1 else self.shape[1] // self.scales.shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(self))
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The float [O, I] weight these codes stand for."""
+    out_features, in_features = self.shape
+    if self.group_size is None:
+      return (self.codes.astype(jnp.float32) * self.scales[:, None]).astype(dtype)
+    codes_OxGxS = _unpack_int4(self.codes) if self.bits == 4 else self.codes
+    codes_OxGxS = codes_OxGxS.astype(jnp.float32).reshape(out_features, -1, self.group_size)
+    w_OxGxS = codes_OxGxS * self.scales[..., None]
+    if self.offsets is not None:
+      w_OxGxS = w_OxGxS + self.offsets[..., None]
+    return w_OxGxS.reshape(out_features, in_features).astype(dtype)
+
+
+def quantize_int8(w_OxI: jax.Array, group_size: Optional[int] = None) -> QuantizedWeight:
+  """Symmetric int8 codes, one scale per row (or per `group_size` inputs of a row)."""
+  w = jnp.asarray(w_OxI, jnp.float32)
+  out_features, in_features = w.shape
+  if group_size is None:
+    scales_O = _safe_scale(jnp.max(jnp.abs(w), axis=1) / 127)
+    codes = jnp.round(w / scales_O[:, None])
+    return QuantizedWeight(codes.astype(jnp.int8), scales_O, bits=8)
+  w_OxGxS = _groups(w, group_size)
+  scales_OxG = _safe_scale(jnp.max(jnp.abs(w_OxGxS), axis=2) / 127)
+  codes = jnp.round(w_OxGxS / scales_OxG[..., None]).reshape(out_features, in_features)
+  return QuantizedWeight(codes.astype(jnp.int8), scales_OxG, bits=8)
+
+
+def quantize_int4(w_OxI: jax.Array, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
+  """Asymmetric 4-bit codes per group of `group_size` inputs, packed two per byte."""
+  w = jnp.asarray(w_OxI, jnp.float32)
+  out_features, in_features = w.shape
+  if group_size % 2:
+    raise InvalidRequestError(f"int4 group_size must be even (codes pack in pairs); got "
+                              f"{group_size}.")
+  w_OxGxS = _groups(w, group_size)
+  low_OxG, high_OxG = jnp.min(w_OxGxS, axis=2), jnp.max(w_OxGxS, axis=2)
+  scales_OxG = _safe_scale((high_OxG - low_OxG) / 15)
+  codes = jnp.clip(jnp.round((w_OxGxS - low_OxG[..., None]) / scales_OxG[..., None]), 0, 15)
+  codes_OxI = codes.astype(jnp.uint8).reshape(out_features, in_features)
+  packed = codes_OxI[:, 0::2] | (codes_OxI[:, 1::2] << 4)
+  return QuantizedWeight(packed, scales_OxG, low_OxG, bits=4)
+
+
+def quantize(w_OxI: jax.Array, mode: str, group_size: Optional[int] = None) -> QuantizedWeight:
+  if mode == "int8":
+    return quantize_int8(w_OxI, group_size)
+  if mode == "int4":
+    return quantize_int4(w_OxI, group_size or INT4_GROUP_SIZE)
+  raise InvalidRequestError(f"quantize mode {mode!r} is not supported; use one of {list(MODES)}.")
+
+
+def quantize_params(params: Params, mode: str, *, group_size: Optional[int] = None,
+                    embeddings: bool = False) -> Params:
+  """Params with each layer's projections quantized to `mode` ('int8' or 'int4').
+
+  group_size: inputs per scale (int8 default: per channel; int4 default: 32).
+  embeddings: also quantize the embedding table / lm_head (int8, one scale per row).
+  """
+  if mode not in MODES:
+    raise InvalidRequestError(f"quantize mode {mode!r} is not supported; use one of "
+                              f"{list(MODES)}.")
+  if is_quantized(params):
+    raise InvalidRequestError("these params are already quantized; quantize float params.")
+  quantize_one = jax.jit(quantize, static_argnames=("mode", "group_size"))
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for name in PROJECTIONS:
+      layer[name] = quantize_one(layer[name], mode, group_size)
+    layers.append(layer)
+  params = dict(params, layers=layers)
+  if embeddings:
+    for name in EMBEDDINGS:
+      if name in params:
+        params[name] = jax.jit(quantize_int8)(params[name])
+  return params
+
+
+def dequantize_params(params: Params, dtype=jnp.float32) -> Params:
+  """Params with every QuantizedWeight replaced by its float weight."""
+  return jax.tree.map(lambda x: x.dequantize(dtype) if isinstance(x, QuantizedWeight) else x,
+                      params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+def is_quantized(params: Params) -> bool:
+  return any(isinstance(x, QuantizedWeight) for x in _weights(params))
+
+
+def describe(params: Params) -> Optional[dict[str, Any]]:
+  """{'mode', 'group_size', 'embeddings'} of quantized params (None for float params): what a
+  checkpoint records to rebuild them (`restore`)."""
+  layer = params["layers"][0]
+  if not isinstance(layer["w_qkv"], QuantizedWeight):
+    return None
+  w = layer["w_qkv"]
+  return {"mode": f"int{w.bits}", "group_size": w.group_size,
+          "embeddings": isinstance(params["embed"], QuantizedWeight)}
+
+
+def to_plain(params: Params) -> Params:
+  """Params with each QuantizedWeight as a plain dict of its arrays (what checkpoints store)."""
+  def plain(x):
+    if not isinstance(x, QuantizedWeight):
+      return x
+    d = {"codes": x.codes, "scales": x.scales}
+    return d if x.offsets is None else dict(d, offsets=x.offsets)
+  return jax.tree.map(plain, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+def restore(params: Params, description: Optional[dict[str, Any]]) -> Params:
+  """Rebuilds QuantizedWeights from the plain dicts a checkpoint stores (inverse of saving
+  `jax.tree` state dicts), following `describe`'s record."""
+  if description is None:
+    return params
+  bits = int(description["mode"][len("int"):])
+
+  def rebuild(d):
+    return QuantizedWeight(d["codes"], d["scales"], d.get("offsets"), bits=bits)
+
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for name in PROJECTIONS:
+      layer[name] = rebuild(layer[name])
+    layers.append(layer)
+  params = dict(params, layers=layers)
+  if description.get("embeddings"):
+    for name in EMBEDDINGS:
+      if name in params:
+        params[name] = QuantizedWeight(params[name]["codes"], params[name]["scales"], bits=8)
+  return params
+
+
+def param_bytes(params: Params) -> int:
+  """Bytes the params occupy, codes and scales included."""
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------- used by the model
+
+
+def linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
+  """x @ w.T for a quantized [out, in] weight -> [B, T, O] in x's dtype.
+
+  int8 goes through the int8 matmul (the Pallas kernel on TPU/GPU, its XLA reference
+  elsewhere); int4 is dequantized in the jitted program, a nibble plane at a time.
+  """
+  # Tie the weight to the activations: otherwise XLA hoists the dequantization out of decode
+  # loops (the weights are loop-invariant) and keeps a float copy of every weight alive while
+  # decoding, so the model would run from float weights and save no memory.
+  x_BxTxI, w = jax.lax.optimization_barrier((x_BxTxI, w))
+  if w.bits == 8:
+    from pallas_kernels.int8_matmul import int8_matmul  # pylint: disable=g-import-not-at-top
+    return int8_matmul(x_BxTxI, w.codes, w.scales)
+  return _int4_linear(x_BxTxI, w)
+
+
+def _int4_linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
+  """Even inputs against the low nibbles, odd inputs against the high nibbles.
+
+  Dequantizing each nibble plane in place of unpacking to [O, I] first halves the work XLA:CPU
+  does per weight (measured 2x at SmolLM2's decode shapes).
+  """
+  dtype = x_BxTxI.dtype
+  scales_OxJ = jnp.repeat(w.scales, w.group_size // 2, axis=1)
+  offsets_OxJ = jnp.repeat(w.offsets, w.group_size // 2, axis=1)
+  y = 0
+  for parity, plane_OxJ in enumerate((w.codes & 0xF, w.codes >> 4)):
+    w_OxJ = (plane_OxJ.astype(jnp.float32) * scales_OxJ + offsets_OxJ).astype(dtype)
+    y = y + jnp.einsum("BTJ,OJ->BTO", x_BxTxI[..., parity::2], w_OxJ)
+  return y
+
+
+def embed(table, tokens_BxT: jax.Array, dtype) -> jax.Array:
+  """Rows of the embedding table [V, D] (float or int8-quantized) -> [B, T, D]."""
+  if isinstance(table, QuantizedWeight):
+    rows = table.codes[tokens_BxT].astype(jnp.float32) * table.scales[tokens_BxT][..., None]
+    return rows.astype(dtype)
+  return table[tokens_BxT]
+
+
+def _groups(w_OxI: jax.Array, group_size: int) -> jax.Array:
+  out_features, in_features = w_OxI.shape
+  if group_size < 1 or in_features % group_size:
+    raise InvalidRequestError(
+        f"group_size {group_size} does not divide the {in_features} inputs of a "
+        f"[{out_features}, {in_features}] weight; pick a divisor of {in_features}.")
+  return w_OxI.reshape(out_features, in_features // group_size, group_size)
+
+
+def _safe_scale(scale: jax.Array) -> jax.Array:
+  """All-zero rows/groups get scale 1 (their codes are 0), never a division by zero."""
+  return jnp.where(scale > 0, scale, 1.0)
+
+
+def _unpack_int4(packed_OxJ: jax.Array) -> jax.Array:
+  """uint8 [O, I // 2] -> codes [O, I] (low nibble first)."""
+  low, high = packed_OxJ & 0xF, packed_OxJ >> 4
+  return jnp.stack([low, high], axis=-1).reshape(packed_OxJ.shape[0], -1)
+
+
+def _weights(params: Params):
+  return jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
