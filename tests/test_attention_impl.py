@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jinfer
+from jinfer.cache.page_allocator import pages_for
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.decoding import generate as generate_lib
 from jinfer.errors import InvalidRequestError
@@ -52,20 +53,23 @@ def test_pallas_decode_step_runs_the_kernel(pallas_model):
                                                        xla_cache))
 
 
-def test_pallas_prepare_gives_each_row_private_pages(pallas_model):
-  b = generate_lib._prepare(pallas_model, PROMPTS, jinfer.SamplingParams(n=2, max_tokens=4))
-  used = b.tables_BxM[b.tables_BxM >= 0]
-  assert len(set(used.tolist())) == used.size  # no page in two rows
-  for p in range(len(PROMPTS)):
-    first = int(np.argmax(b.row_prompt_B == p))
-    np.testing.assert_array_equal(b.prompt_tables_PxM[p], b.tables_BxM[first])
-  assert (b.prompt_tables_PxM[len(PROMPTS):] == -1).all()  # padding prompts write nowhere
+def test_pallas_rows_never_write_a_shared_page(pallas_model):
+  """Pages a row's decode writes (from its prompt's last, partial page on) are its alone."""
+  params = jinfer.SamplingParams(n=2, max_tokens=4)
+  b = generate_lib._prepare(pallas_model, PROMPTS, params)
+  page_size, tables_BxM = pallas_model.page_size, b.pages.tables_BxM
+  used = tables_BxM[tables_BxM >= 0].tolist()
+  for row, prompt in enumerate(b.row_prompt_B[:len(b.rows)]):
+    first = len(PROMPTS[prompt]) // page_size
+    last = pages_for(len(PROMPTS[prompt]) + params.max_tokens, page_size)
+    assert all(used.count(page) == 1 for page in tables_BxM[row, first:last].tolist())
+  assert (b.pages.prompt_tables_PxM[len(PROMPTS):] == -1).all()  # padding prompts write nowhere
 
 
 def test_xla_is_default_and_unpaged(tiny_model):
   assert tiny_model.attention_impl == "xla"
   b = generate_lib._prepare(tiny_model, PROMPTS, jinfer.SamplingParams(max_tokens=4))
-  assert b.tables_BxM is None
+  assert b.pages is None
 
 
 def test_auto_resolves_to_xla_on_cpu():

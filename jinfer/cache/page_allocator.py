@@ -5,7 +5,8 @@ A sequence owns a page table: the list of page ids holding its tokens, token i i
 the n samples of one prompt, beam forks): each page counts the tables holding it and returns to
 the free list when the count reaches 0. A shared page is never written in place: `writable`
 gives the writer a private copy first (copy-on-write), and the caller copies the page's K/V on
-device with `PagedKVCache.copy_pages`.
+device with `PagedKVCache.copy_pages`. `reserve` readies a table for appending: copy-on-write of
+a shared partial last page, fresh pages past it.
 
 Everything here is plain Python on the host; no jax. Failed calls change nothing.
 """
@@ -58,10 +59,7 @@ class PageAllocator:
     """Takes `n` free pages (reference count 1 each); raises CacheFullError if too few are free."""
     if n < 0:
       raise ValueError(f"Cannot allocate a negative number of pages ({n}).")
-    if n > len(self._free):
-      raise CacheFullError(
-          f"KV cache is full: {n} pages needed but only {len(self._free)} of {self.num_pages} "
-          f"are free. Lower the batch size or max_tokens, or raise num_pages.")
+    self._check_free(n)
     pages = [self._free.pop() for _ in range(n)]
     for page in pages:
       self._refcounts[page] = 1
@@ -117,6 +115,27 @@ class PageAllocator:
     """`table` extended with fresh pages so it covers `length` tokens (never shrinks)."""
     missing = pages_for(length, page_size) - len(table)
     return list(table) + self.allocate(max(missing, 0))
+
+  def reserve(self, table: Sequence[int], length: int, new_length: int,
+              page_size: int) -> tuple[PageTable, Optional[Copy]]:
+    """Makes positions [length, new_length) of a table holding `length` tokens safe to write.
+
+    The page holding position `length`, when the table has it and shares it (a partial last
+    page of a forked prompt), is copied first as in `writable`; fresh pages cover the rest.
+    Returns the new table and the (src, dst) copy or None. All or nothing: raises
+    CacheFullError, changing nothing, if too few pages are free.
+    """
+    index = length // page_size
+    shared = index < len(table) and self.refcount(table[index]) > 1
+    self._check_free(int(shared) + max(pages_for(new_length, page_size) - len(table), 0))
+    table, copy = self.writable(table, index) if index < len(table) else (list(table), None)
+    return self.grow(table, new_length, page_size), copy
+
+  def _check_free(self, n: int) -> None:
+    if n > len(self._free):
+      raise CacheFullError(
+          f"KV cache is full: {n} pages needed but only {len(self._free)} of {self.num_pages} "
+          f"are free. Lower the batch size or max_tokens, or raise num_pages.")
 
   def _checked_counts(self, pages: Iterable[int], verb: str) -> collections.Counter:
     counts = collections.Counter(int(p) for p in pages)

@@ -5,9 +5,14 @@ two) so a handful of compiled programs serve every request; per-row settings are
 A prompt asking for n samples is prefilled once; its n rows share that prefill's KV cache.
 
 `model.attention_impl` picks the cache: "xla" (the default) a contiguous `KVCache`; "pallas" a
-`PagedKVCache` whose decode steps run the Pallas paged-attention kernel (prefill gathers pages
-and uses the XLA math). Every row gets its own pages (no sharing), filled by copying its
-prompt's pages after the prefill. Beam search and speculative decoding keep the contiguous cache.
+`PagedKVCache` of `model.page_size`-token pages whose decode steps run the Pallas paged-attention
+kernel (prefill gathers pages and uses the XLA math). The n rows of a prompt share its pages
+vLLM style: the prefill writes each prompt's pages once; pages the prompt fills are held by all
+its rows (refcounted by a `PageAllocator`), and the page with the prompt's last partial page,
+which decode writes into, is copied per row (copy-on-write); decode pages are private, so no
+row ever writes a shared page. The pool holds the pages the batch uses (bucketed), not one
+max-length table per row. `model.cache_dtype` sets the cache dtype (int8: quantized with
+scales). Beam search and speculative decoding keep the contiguous cache.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from jinfer.errors import InvalidRequestError
 from jinfer.models import llama
 
 Prompt = Union[str, Sequence[int]]
-PAGE_SIZE = 16  # tokens per KV page (attention_impl="pallas"); prompt buckets are multiples of it
 
 
 @dataclasses.dataclass
@@ -101,9 +105,13 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def prefill_logits(params, config, tokens_BxT: jax.Array, prompt_lens_B: jax.Array,
-                   cache_len: int) -> tuple[jax.Array, KVCache]:
-  """Runs the padded prompts once; returns each prompt's last-position logits [B, V] and cache."""
-  cache = KVCache.init(config, tokens_BxT.shape[0], cache_len, params["embed"].dtype)
+                   cache_len: int, cache_dtype=None) -> tuple[jax.Array, KVCache]:
+  """Runs the padded prompts once; returns each prompt's last-position logits [B, V] and cache.
+
+  The cache is `cache_dtype` (static under jit; int8 quantizes it), by default the params'.
+  """
+  dtype = params["embed"].dtype if cache_dtype is None else cache_dtype
+  cache = KVCache.init(config, tokens_BxT.shape[0], cache_len, dtype)
   return _prompt_logits(params, config, tokens_BxT, prompt_lens_B, cache)
 
 
@@ -126,30 +134,29 @@ def decode_step_fn(params, config) -> loop.TokensToLogits:
 
 
 def _prefill(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B, *, config,
-             cache_len, capacity, num_top_logprobs):
+             cache_len, cache_dtype, capacity, num_top_logprobs):
   """Runs the P distinct prompts once, then gives each of the B rows its prompt's cache."""
-  logits_PxV, cache = prefill_logits(params, config, tokens_PxT, prompt_lens_P, cache_len)
+  logits_PxV, cache = prefill_logits(params, config, tokens_PxT, prompt_lens_P, cache_len,
+                                     cache_dtype)
   cache = jax.tree.map(lambda x: x[row_prompt_B], cache)
   return _init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache, sampling,
                     done_B, capacity, num_top_logprobs)
 
 
 def _prefill_paged(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B,
-                   prompt_tables_PxM, tables_BxM, *, config, capacity, num_top_logprobs):
-  """`_prefill` into a paged cache (attention_impl="pallas").
+                   prompt_tables_PxM, tables_BxM, copy_src_C, copy_dst_C, *, config, num_pages,
+                   page_size, cache_dtype, capacity, num_top_logprobs):
+  """`_prefill` into a paged cache (attention_impl="pallas") whose rows share prompt pages.
 
-  Prompt p writes the pages of `prompt_tables_PxM[p]` (its first row's); every other row then
-  gets a copy of its prompt's pages in its own table.
+  Prompt p writes the pages of `prompt_tables_PxM[p]` once; then pages copy_src_C[i] are copied
+  to copy_dst_C[i] (the partial last prompt page of rows that need their own), and the rows
+  take their tables `tables_BxM` (see `_page_plan`).
   """
-  batch, max_pages = tables_BxM.shape
-  cache = PagedKVCache.init(config, batch * max_pages, PAGE_SIZE, tokens_PxT.shape[0], max_pages,
-                            params["embed"].dtype, attention_impl="pallas")
+  cache = PagedKVCache.init(config, num_pages, page_size, tokens_PxT.shape[0],
+                            tables_BxM.shape[1], cache_dtype, attention_impl="pallas")
   cache = cache.with_page_tables(prompt_tables_PxM, jnp.zeros_like(prompt_lens_P))
   logits_PxV, cache = _prompt_logits(params, config, tokens_PxT, prompt_lens_P, cache)
-  prompt_pages = pages_for(tokens_PxT.shape[1], PAGE_SIZE)
-  # A prompt's first row copies onto itself (a no-op); no destination is another copy's source.
-  cache = cache.copy_pages(prompt_tables_PxM[row_prompt_B, :prompt_pages],
-                           tables_BxM[:, :prompt_pages])
+  cache = cache.copy_pages(copy_src_C, copy_dst_C)
   cache = cache.with_page_tables(tables_BxM, prompt_lens_P[row_prompt_B])
   return _init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache, sampling,
                     done_B, capacity, num_top_logprobs)
@@ -171,10 +178,10 @@ def _decode(params, state, sampling, until_step, *, config):
   return loop.decode(decode_step_fn(params, config), state, sampling, until_step)
 
 
-_PREFILL = jax.jit(_prefill,
-                   static_argnames=("config", "cache_len", "capacity", "num_top_logprobs"))
-_PREFILL_PAGED = jax.jit(_prefill_paged,
-                         static_argnames=("config", "capacity", "num_top_logprobs"))
+_PREFILL = jax.jit(_prefill, static_argnames=("config", "cache_len", "cache_dtype", "capacity",
+                                              "num_top_logprobs"))
+_PREFILL_PAGED = jax.jit(_prefill_paged, static_argnames=(
+    "config", "num_pages", "page_size", "cache_dtype", "capacity", "num_top_logprobs"))
 _DECODE = jax.jit(_decode, static_argnames=("config",), donate_argnames=("state",))
 
 
@@ -228,10 +235,23 @@ class _Batch:
   done_B: np.ndarray
   capacity: int
   num_top_logprobs: int
-  # attention_impl="pallas" only: each row's page table [B, M], and each prompt's [P, M] (its
-  # first row's table; NO_PAGE for padding prompts) that the prefill writes.
-  tables_BxM: Optional[np.ndarray] = None
-  prompt_tables_PxM: Optional[np.ndarray] = None
+  pages: Optional[_PagePlan] = None  # attention_impl="pallas" only
+
+
+@dataclasses.dataclass
+class _PagePlan:
+  """Where a batch's paged cache keeps what (attention_impl="pallas"); see `_page_plan`.
+
+  Prompt p's prefill writes the pages of prompt_tables_PxM[p] (NO_PAGE for padding prompts),
+  then page copy_src_C[i] is copied to copy_dst_C[i] (C = B: at most one copy per row, padded
+  with a page copied onto itself) and each row decodes through its table tables_BxM[b].
+  """
+
+  num_pages: int  # the pool
+  prompt_tables_PxM: np.ndarray
+  tables_BxM: np.ndarray
+  copy_src_C: np.ndarray
+  copy_dst_C: np.ndarray
 
 
 def _encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -284,7 +304,7 @@ def _prepare(model, prompts, params) -> _Batch:
           f"the model's context of {model.config.max_seq_len}; shorten the prompt or max_tokens.")
   rows = [_Row(i, j, p, _stop_ids(model, p)) for i, p in enumerate(params) for j in range(p.n)]
   num_prompts, batch = bucket(len(prompt_ids), minimum=1), bucket(len(rows), minimum=1)
-  tokens_PxT = np.zeros((num_prompts, bucket(max(map(len, prompt_ids)))), np.int32)
+  tokens_PxT = np.zeros((num_prompts, _prompt_bucket(model, max(map(len, prompt_ids)))), np.int32)
   prompt_lens_P = np.ones((num_prompts,), np.int32)
   for i, ids in enumerate(prompt_ids):
     tokens_PxT[i, :len(ids)] = ids
@@ -302,34 +322,63 @@ def _prepare(model, prompts, params) -> _Batch:
              np.arange(batch) >= len(rows), bucket(max(p.max_tokens for p in params)),
              max(p.logprobs or 0 for p in params))
   if model.attention_impl == "pallas":
-    b.tables_BxM, b.prompt_tables_PxM = _page_tables(
-        b.row_prompt_B, num_prompts, pages_for(tokens_PxT.shape[1] + b.capacity, PAGE_SIZE))
+    b.pages = _page_plan(b, model.page_size)
   return b
 
 
-def _page_tables(row_prompt_B: np.ndarray, num_prompts: int,
-                 max_pages: int) -> tuple[np.ndarray, np.ndarray]:
-  """(row tables [B, M], prompt tables [P, M]): M private pages per row, from one pool.
+def _prompt_bucket(model, longest: int) -> int:
+  """Padded prompt length: a power of two, and for the paged cache a whole number of pages."""
+  length = bucket(longest)
+  if model.attention_impl == "pallas":
+    length = pages_for(length, model.page_size) * model.page_size
+  return length
 
-  Rows do not share pages (no copy-on-write in the decode loop); a prompt's prefill writes into
-  its first row's pages, which the other rows then copy.
+
+def _page_plan(b: _Batch, page_size: int) -> _PagePlan:
+  """Page tables in which the rows of a prompt share its full pages, vLLM style.
+
+  Each prompt gets the pages its tokens fill, written once by its prefill. Its rows fork that
+  table (refcounts) and reserve what they will write: a partial last prompt page is copied
+  (copy-on-write) for every row of the prompt but the last, which keeps the original, and
+  decode pages are fresh. Full prompt pages are never written again, so they stay shared;
+  padding rows get no pages (their writes are dropped). The pool is the pages used, rounded up
+  to a power of two so that few programs compile.
   """
-  allocator = PageAllocator(len(row_prompt_B) * max_pages)
-  tables = [allocator.allocate(max_pages) for _ in row_prompt_B]
-  first_row = {}
-  for row, prompt in enumerate(row_prompt_B.tolist()):
-    first_row.setdefault(prompt, row)
-  prompt_tables = [tables[first_row[p]] if p in first_row else [] for p in range(num_prompts)]
-  return page_table_array(tables, max_pages), page_table_array(prompt_tables, max_pages)
+  length = b.tokens_PxT.shape[1]
+  batch, max_pages = len(b.row_prompt_B), pages_for(length + b.capacity, page_size)
+  allocator = PageAllocator(batch * max_pages)  # enough: every page ends up in some row's table
+  prompt_tables = [allocator.allocate(pages_for(len(ids), page_size)) for ids in b.prompt_ids]
+  forks = [allocator.fork(prompt_tables[row.prompt]) for row in b.rows]
+  for table in prompt_tables:
+    allocator.free(table)  # the rows hold every prompt page now
+  tables, copies = [], []
+  for row, table in zip(b.rows, forks):
+    prompt_len = len(b.prompt_ids[row.prompt])
+    table, copy = allocator.reserve(table, prompt_len, prompt_len + row.params.max_tokens,
+                                    page_size)
+    tables.append(table)
+    copies += [copy] if copy else []
+  # Prompt 0's first page is never a copy's destination: copying it onto itself changes nothing.
+  no_op = prompt_tables[0][0]
+  src_C, dst_C = np.asarray(copies + [(no_op, no_op)] * (batch - len(copies)), np.int32).T
+  used = max(max(table) for table in tables) + 1
+  padded = lambda held, count: page_table_array(held + [[]] * (count - len(held)), max_pages)
+  return _PagePlan(num_pages=min(bucket(used, minimum=1), batch * max_pages),
+                   prompt_tables_PxM=padded(prompt_tables, len(b.prompt_lens_P)),
+                   tables_BxM=padded(tables, batch), copy_src_C=src_C, copy_dst_C=dst_C)
 
 
 def _run_prefill(model, b: _Batch, stats: GenerationStats) -> loop.DecodeState:
   args = (model.params, b.tokens_PxT, b.prompt_lens_P, b.row_prompt_B, b.sampling, b.done_B)
-  static = dict(config=model.config, capacity=b.capacity, num_top_logprobs=b.num_top_logprobs)
-  if b.tables_BxM is None:
+  static = dict(config=model.config, cache_dtype=jnp.dtype(model.cache_dtype),
+                capacity=b.capacity, num_top_logprobs=b.num_top_logprobs)
+  if b.pages is None:
     jitted, static["cache_len"] = _PREFILL, b.tokens_PxT.shape[1] + b.capacity
   else:
-    jitted, args = _PREFILL_PAGED, args + (b.prompt_tables_PxM, b.tables_BxM)
+    p = b.pages
+    jitted = _PREFILL_PAGED
+    args += (p.prompt_tables_PxM, p.tables_BxM, p.copy_src_C, p.copy_dst_C)
+    static.update(num_pages=p.num_pages, page_size=model.page_size)
   state, seconds = _COMPILED.run(jitted, args, static, stats)
   stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
