@@ -62,7 +62,9 @@ def score(model, ids: Sequence[int], chunk_size: int = 512) -> tuple[np.ndarray,
   if chunk_size < 1:
     raise InvalidRequestError(f"chunk_size must be at least 1; got {chunk_size}.")
   chunk_size = min(chunk_size, bucket(len(ids) - 1, minimum=1))
-  cache = KVCache.init(model.config, 1, bucket(len(ids)), model.cache_dtype)
+  cache_len = -(-len(ids) // chunk_size) * chunk_size  # attention reads the whole cache: no slack
+  # Distinct buffers per layer and for K and V, so each chunk can update the cache in place.
+  cache = jax.tree.map(jnp.copy, KVCache.init(model.config, 1, cache_len, model.cache_dtype))
   inputs, targets = np.asarray(ids[:-1], np.int32), np.asarray(ids[1:], np.int32)
   nll, predicted = [], []
   for start in range(0, len(inputs), chunk_size):
@@ -86,7 +88,7 @@ def _padded(x: np.ndarray, size: int) -> np.ndarray:
   return np.pad(x, (0, size - len(x)))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def _score_chunk(params, tokens_C, targets_C, start, cache, *, config):
   """NLL of each target [C] and argmax prediction [C] of a chunk starting at `start`."""
   positions_C = start + jnp.arange(tokens_C.shape[0], dtype=jnp.int32)

@@ -67,7 +67,8 @@ class Model:
 
   def quantize(self, mode: str, *, group_size: Optional[int] = None,
                embeddings: bool = False) -> "Model":
-    """This model with its projections quantized ('int8' or 'int4'; see jinfer.quant.weights)."""
+    """This model with its projections quantized ('int8', 'w8a8' or 'int4'; see
+    jinfer.quant.weights)."""
     params = quant_weights.quantize_params(self.params, mode, group_size=group_size,
                                            embeddings=embeddings)
     return dataclasses.replace(self, params=params)
@@ -121,8 +122,8 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16'). `attention_impl`
   ('xla', 'pallas' or 'auto') sets how generate decodes (see `Model.attention_impl`);
   `kv_cache_dtype` ('auto' or 'int8') and `page_size` set the KV cache it decodes through.
-  `quantize` ('int8': per-channel int8, 'int4': group-wise int4) quantizes the projections
-  after loading; a checkpoint saved quantized loads quantized as it was saved.
+  `quantize` ('int8': per-channel int8 weights, 'w8a8': int8 weights and activations, 'int4':
+  group-wise int4 weights) quantizes the projections after loading; a checkpoint saved quantized loads quantized as it was saved.
   """
   from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
   dtype = resolve_dtype(dtype)

@@ -94,7 +94,7 @@ def test_quantize_params_and_model(tiny_model):
   # Max |logit error| relative to the largest logit, measured: int8 0.9%, int8 g16 0.7%, int4
   # with int8 embeddings 11.6% (random N(0, 0.02) weights are the worst case for 16 levels).
   for model, bound in ((q8, 0.03), (tiny_model.quantize("int8", group_size=16), 0.03),
-                       (q4e, 0.25)):
+                       (tiny_model.quantize("w8a8"), 0.05), (q4e, 0.25)):
     logits = model.logits(tokens)
     assert logits.shape == reference.shape and bool(jnp.all(jnp.isfinite(logits)))
     error = float(jnp.max(jnp.abs(logits - reference))) / float(jnp.max(jnp.abs(reference)))
@@ -104,7 +104,7 @@ def test_quantize_params_and_model(tiny_model):
 def test_quantized_generate_matches_dequantized_float_model(tiny_model):
   """The quantized decode loop computes the model its dequantized weights define."""
   params = jinfer.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-  for mode in ("int8", "int4"):
+  for mode in ("int8", "int4"):  # (w8a8 also rounds activations: not a float model's tokens)
     quantized = tiny_model.quantize(mode)
     dequantized = dataclasses.replace(tiny_model, params=qw.dequantize_params(quantized.params))
     got = jinfer.generate(quantized, ["hello there", "a"], params)
@@ -112,14 +112,16 @@ def test_quantized_generate_matches_dequantized_float_model(tiny_model):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
-def test_orbax_round_trip_keeps_quantized_form(tiny_model, tmp_path):
+@pytest.mark.parametrize("mode", ["int4", "w8a8"])
+def test_orbax_round_trip_keeps_quantized_form(tiny_model, tmp_path, mode):
   from jinfer.checkpoints import orbax_io
-  model = tiny_model.quantize("int4", embeddings=True)
+  model = tiny_model.quantize(mode, embeddings=True)
   tokenizer = _hf_tokenizer(tmp_path)
   orbax_io.save(tmp_path / "ckpt", model.config, model.params, tokenizer)
   meta = json.loads((tmp_path / "ckpt" / orbax_io.CONFIG_FILE).read_text())
-  assert meta["quantization"] == {"mode": "int4", "group_size": 32, "embeddings": True}
-  restored = jinfer.load_model(str(tmp_path / "ckpt"), quantize="int4")
+  assert meta["quantization"] == model.quantization
+  assert meta["quantization"]["mode"] == mode and meta["quantization"]["embeddings"]
+  restored = jinfer.load_model(str(tmp_path / "ckpt"), quantize=mode)
   assert restored.quantization == model.quantization
   for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(restored.params)):
     assert a.dtype == b.dtype and a.shape == b.shape
@@ -127,7 +129,7 @@ def test_orbax_round_trip_keeps_quantized_form(tiny_model, tmp_path):
   tokens = np.arange(10)[None]
   np.testing.assert_array_equal(model.logits(tokens), restored.logits(tokens))
   with pytest.raises(jinfer.InvalidRequestError, match="cannot be re-quantized"):
-    jinfer.load_model(str(tmp_path / "ckpt"), quantize="int8")
+    jinfer.load_model(str(tmp_path / "ckpt"), quantize="int8" if mode == "int4" else "int4")
 
 
 def test_load_model_rejects_unknown_quantize():
@@ -160,6 +162,7 @@ def _float_scores(smollm2):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, group_size, max_increase", [
     ("int8", None, 0.01),  # the issue's targets: int8 within 1%, int4 within 5%
+    ("w8a8", None, 0.05),  # per-token activation rounding: measured +3.9%
     ("int4", None, 0.05),
     ("int4", 128, 0.05),  # groups off the checkpoint's own 32-wide Q4_1 grid
 ])
@@ -176,3 +179,22 @@ def test_quantized_perplexity_within_target(smollm2, mode, group_size, max_incre
         f"({ppl / float_ppl - 1:+.2%}), teacher-forced greedy agreement {agreement:.1%}")
   assert ppl <= float_ppl * (1 + max_increase)
   assert agreement > 0.9
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_and_bfloat16_perplexity(smollm2):
+  """The KV cache format is part of what perplexity measures: the text goes through the cache."""
+  from jinfer import evaluate
+  base = _float_scores(smollm2)
+  float_ppl = float(np.exp(np.mean(base["nll"])))
+  for name, model, max_increase in [
+      ("int8 KV", dataclasses.replace(smollm2, kv_cache_dtype="int8"), 0.01),
+      ("bfloat16", dataclasses.replace(smollm2, params=jax.tree.map(
+          lambda x: x.astype(jnp.bfloat16), smollm2.params)), 0.01)]:
+    nll, argmax = evaluate.score(model, base["ids"], chunk_size=1024)
+    ppl = float(np.exp(np.mean(nll)))
+    agreement = float(np.mean(argmax == base["argmax"]))
+    print(f"{name}: perplexity {ppl:.4f} vs float32 {float_ppl:.4f} "
+          f"({ppl / float_ppl - 1:+.2%}), teacher-forced greedy agreement {agreement:.1%}")
+    assert abs(ppl / float_ppl - 1) <= max_increase
+    assert agreement > 0.9

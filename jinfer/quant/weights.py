@@ -4,6 +4,9 @@ Formats (`QuantizedWeight.bits`):
 - int8: symmetric, w ~= q * scale with q in [-127, 127]; one scale per output channel (row), or
   per group of `group_size` inputs of a row. Per-channel scales factor out of the dot product,
   so they are applied once after accumulation (the Pallas int8 matmul does exactly that).
+- w8a8: int8 weights as above, and activations quantized per token (symmetric int8) when they
+  enter each matmul, so the product runs int8 x int8 -> int32 on int8 tensor units (TPU MXU,
+  GPU tensor cores).
 - int4: asymmetric per group (default 32 inputs), w ~= q * scale + offset with q in [0, 15],
   two codes per byte (even input in the low nibble). The offset (the group's minimum) keeps
   groups whose values are not centred on zero at full resolution: it is the layout of
@@ -27,7 +30,7 @@ import numpy as np
 from jinfer.errors import InvalidRequestError
 
 Params = dict[str, Any]
-MODES = ("int8", "int4")
+MODES = ("int8", "w8a8", "int4")
 PROJECTIONS = ("w_qkv", "wo", "w_gate_up", "w_down")
 EMBEDDINGS = ("embed", "lm_head")
 INT4_GROUP_SIZE = 32
@@ -41,6 +44,12 @@ class QuantizedWeight:
   scales: jax.Array  # float32 [O] (int8 per channel) or [O, I // group_size]
   offsets: Optional[jax.Array] = None  # int4 only: float32 [O, I // group_size]
   bits: int = flax.struct.field(pytree_node=False, default=8)
+  # w8a8: quantize the activations per token too (int8 x int8 matmuls).
+  int8_activations: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @property
+  def mode(self) -> str:
+    return "w8a8" if self.int8_activations else f"int{self.bits}"
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -102,6 +111,8 @@ def quantize_int4(w_OxI: jax.Array, group_size: int = INT4_GROUP_SIZE) -> Quanti
 def quantize(w_OxI: jax.Array, mode: str, group_size: Optional[int] = None) -> QuantizedWeight:
   if mode == "int8":
     return quantize_int8(w_OxI, group_size)
+  if mode == "w8a8":
+    return quantize_int8(w_OxI, group_size).replace(int8_activations=True)
   if mode == "int4":
     return quantize_int4(w_OxI, group_size or INT4_GROUP_SIZE)
   raise InvalidRequestError(f"quantize mode {mode!r} is not supported; use one of {list(MODES)}.")
@@ -151,7 +162,7 @@ def describe(params: Params) -> Optional[dict[str, Any]]:
   if not isinstance(layer["w_qkv"], QuantizedWeight):
     return None
   w = layer["w_qkv"]
-  return {"mode": f"int{w.bits}", "group_size": w.group_size,
+  return {"mode": w.mode, "group_size": w.group_size,
           "embeddings": isinstance(params["embed"], QuantizedWeight)}
 
 
@@ -170,10 +181,11 @@ def restore(params: Params, description: Optional[dict[str, Any]]) -> Params:
   `jax.tree` state dicts), following `describe`'s record."""
   if description is None:
     return params
-  bits = int(description["mode"][len("int"):])
+  mode = description["mode"]
 
   def rebuild(d):
-    return QuantizedWeight(d["codes"], d["scales"], d.get("offsets"), bits=bits)
+    return QuantizedWeight(d["codes"], d["scales"], d.get("offsets"),
+                           bits=4 if mode == "int4" else 8, int8_activations=mode == "w8a8")
 
   layers = []
   for layer in params["layers"]:
@@ -201,7 +213,7 @@ def param_bytes(params: Params) -> int:
 def linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
   """x @ w.T for a quantized [out, in] weight -> [B, T, O] in x's dtype.
 
-  int8 goes through the int8 matmul (the Pallas kernel on TPU/GPU, its XLA reference
+  int8 and w8a8 go through the int8 matmuls (Pallas kernels on TPU/GPU, their XLA references
   elsewhere); int4 is dequantized in the jitted program, a nibble plane at a time.
   """
   # Tie the weight to the activations: otherwise XLA hoists the dequantization out of decode
@@ -209,8 +221,9 @@ def linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
   # decoding, so the model would run from float weights and save no memory.
   x_BxTxI, w = jax.lax.optimization_barrier((x_BxTxI, w))
   if w.bits == 8:
-    from pallas_kernels.int8_matmul import int8_matmul  # pylint: disable=g-import-not-at-top
-    return int8_matmul(x_BxTxI, w.codes, w.scales)
+    from pallas_kernels import int8_matmul  # pylint: disable=g-import-not-at-top
+    matmul = int8_matmul.int8_matmul_w8a8 if w.int8_activations else int8_matmul.int8_matmul
+    return matmul(x_BxTxI, w.codes, w.scales)
   return _int4_linear(x_BxTxI, w)
 
 
