@@ -1,6 +1,8 @@
 r"""Decode throughput of jinfer and its peers, measured in one run on one machine.
 
   python -m jinfer.benchmark --batch_sizes=1,8 --dtypes=float32,bfloat16 --peers=transformers
+  python -m jinfer.benchmark --batch_sizes=1 --dtypes=float32 --quantize=int8,w8a8,int4,int8kv \
+      --perplexity --peers=none
 
 Prints the machine facts, a markdown table (one row per system, dtype and batch size) and the
 speedup of jinfer float32 batch 1 over transformers float32 batch 1 measured in the same run.
@@ -40,6 +42,9 @@ PROMPT_TEXT = (
 
 KNOWN_PEERS = ("transformers", "llama_cpp")
 DTYPES = ("float32", "bfloat16")
+# Quantized formats, each run with float32 activations: weight modes of jinfer.quant.weights,
+# and "int8kv", float32 weights over an int8 KV cache.
+QUANT_FORMATS = ("int8", "w8a8", "int4", "int8kv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,7 @@ class BenchConfig:
   new_tokens: int = 128
   repeats: int = 2
   bandwidth_gbps: float = 30.0
+  quantize: tuple[str, ...] = ()  # QUANT_FORMATS measured besides `dtypes`
 
 
 @dataclasses.dataclass
@@ -154,6 +160,9 @@ def _check_config(cfg: BenchConfig) -> None:
   bad = [d for d in cfg.dtypes if d not in DTYPES]
   if bad or not cfg.dtypes:
     raise ValueError(f"dtypes must be among {DTYPES}, got {cfg.dtypes}.")
+  bad = [q for q in cfg.quantize if q not in QUANT_FORMATS]
+  if bad:
+    raise ValueError(f"quantize formats must be among {QUANT_FORMATS}, got {cfg.quantize}.")
 
 
 # ----------------------------------------------------------------------------- jinfer
@@ -187,17 +196,50 @@ def bench_jinfer_point(model, prompt_ids: Sequence[int], batch: int, cfg: BenchC
                   decode_s=best_decode, nbytes=weight_bytes(model.params))
 
 
+def model_variant(model, name: str):
+  """`model` as format `name`: a dtype (DTYPES) or a quantized format (QUANT_FORMATS)."""
+  if name in DTYPES:
+    return cast_model(model, name)
+  model = cast_model(model, "float32")
+  if name == "int8kv":
+    return dataclasses.replace(model, kv_cache_dtype="int8")
+  return model.quantize(name)
+
+
 def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print) -> list[Row]:
-  """One Row per (dtype, batch size) for a jinfer Model (cast to each dtype in turn)."""
+  """One Row per (format, batch size) for a jinfer Model: each dtype, then each quantized format."""
   prompt_ids = build_prompt_ids(model.tokenizer, cfg.prompt_tokens)
   rows = []
-  for dtype in cfg.dtypes:
-    cast = cast_model(model, dtype)
+  for name in cfg.dtypes + cfg.quantize:
+    variant = model_variant(model, name)
     for batch in cfg.batch_sizes:
-      log(f"jinfer {dtype} batch {batch} ...")
-      rows.append(bench_jinfer_point(cast, prompt_ids, batch, cfg, dtype))
-    del cast
+      log(f"jinfer {name} batch {batch} ...")
+      rows.append(bench_jinfer_point(variant, prompt_ids, batch, cfg, name))
+    del variant
   return rows
+
+
+def bench_perplexity(model, names: Sequence[str], log: Callable[[str], None] = print,
+                     text: Optional[str] = None) -> list[dict]:
+  """Perplexity on jinfer/data's text (or `text`) and parameter bytes of each format."""
+  from jinfer import evaluate  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name in names:
+    log(f"jinfer {name} perplexity ...")
+    variant = model_variant(model, name)
+    rows.append({"format": name, "param_bytes": weight_bytes(variant.params),
+                 "perplexity": evaluate.perplexity(variant, text, chunk_size=1024)})
+  for row in rows:
+    row["vs_first"] = row["perplexity"] / rows[0]["perplexity"] - 1
+  return rows
+
+
+def format_perplexity_table(rows: Sequence[dict]) -> str:
+  lines = ["| format | parameter MB | perplexity | vs " + rows[0]["format"] + " |",
+           "|---|---|---|---|"]
+  lines += [f"| {r['format']} | {r['param_bytes'] / 1e6:.1f} | {r['perplexity']:.4f} | "
+            f"{r['vs_first']:+.2%} |" for r in rows]
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- peers
@@ -547,6 +589,9 @@ def report(results: dict[str, Any]) -> str:
   if results.get("beam_search"):
     parts += ["", f"beam search, float32, batch 1, {cfg['new_tokens']} tokens:",
               format_beam_table(results["beam_search"])]
+  if results.get("perplexity"):
+    parts += ["", "perplexity on jinfer/data/alice_chapter1.txt (through the KV cache):",
+              format_perplexity_table(results["perplexity"])]
   return "\n".join(parts)
 
 
@@ -574,6 +619,10 @@ _SPECULATIVE = flags.DEFINE_list(
     "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")
 _BEAM_WIDTHS = flags.DEFINE_list("beam_widths", [],
                                  "Also time beam search at these widths (e.g. 1,2,4,8).")
+_QUANTIZE = flags.DEFINE_list(
+    "quantize", [], f"Also measure these quantized formats (any of {list(QUANT_FORMATS)}).")
+_PERPLEXITY = flags.DEFINE_bool(
+    "perplexity", False, "Also measure the perplexity and parameter bytes of every format.")
 
 
 def main(argv):
@@ -583,7 +632,7 @@ def main(argv):
   cfg = BenchConfig(batch_sizes=tuple(int(b) for b in _BATCH_SIZES.value),
                     dtypes=tuple(_DTYPES.value), prompt_tokens=_PROMPT_TOKENS.value,
                     new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
-                    bandwidth_gbps=_BANDWIDTH_GBPS.value)
+                    bandwidth_gbps=_BANDWIDTH_GBPS.value, quantize=tuple(_QUANTIZE.value))
   _check_config(cfg)
   model = jinfer.load_model(_MODEL.value, dtype="float32", attention_impl=_ATTENTION_IMPL.value)
   kind, path = registry.resolve(_MODEL.value)
@@ -597,6 +646,8 @@ def main(argv):
   if _BEAM_WIDTHS.value:
     results["beam_search"] = bench_beam_search(
         model, ctx.prompt_ids, [int(w) for w in _BEAM_WIDTHS.value], cfg.new_tokens, cfg.repeats)
+  if _PERPLEXITY.value:
+    results["perplexity"] = bench_perplexity(model, cfg.dtypes + cfg.quantize)
   print(report(results))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:

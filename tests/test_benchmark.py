@@ -65,6 +65,29 @@ def test_bad_config_is_rejected(tiny_model):
     benchmark.run_benchmark(tiny_model, dataclasses.replace(TINY, new_tokens=1), peers=[])
   with pytest.raises(ValueError, match="dtypes"):
     benchmark.run_benchmark(tiny_model, dataclasses.replace(TINY, dtypes=("float16",)), peers=[])
+  with pytest.raises(ValueError, match="quantize formats"):
+    benchmark.run_benchmark(tiny_model, dataclasses.replace(TINY, quantize=("int2",)), peers=[])
+
+
+def test_quantized_formats_rows_and_perplexity(tiny_model):
+  cfg = dataclasses.replace(TINY, batch_sizes=(1,), dtypes=("float32",),
+                            quantize=benchmark.QUANT_FORMATS)
+  results = benchmark.run_benchmark(tiny_model, cfg, peers=["none"], log=lambda _: None)
+  rows = {r["dtype"]: r for r in results["rows"]}
+  assert list(rows) == ["float32", "int8", "w8a8", "int4", "int8kv"]
+  for name, row in rows.items():
+    _check_row(row, "jinfer", 1, name)
+  # Projections dominate the tiny model's bytes; int8kv keeps float32 weights.
+  assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["float32"][
+      "weight_bytes"] == rows["int8kv"]["weight_bytes"]
+  results["perplexity"] = benchmark.bench_perplexity(
+      tiny_model, ["float32", "int8", "int4", "int8kv"], log=lambda _: None,
+      text="the quick brown fox jumps over the lazy dog " * 4)
+  table = benchmark.report(results)
+  assert "| int4 |" in table and "perplexity on" in table
+  for row in results["perplexity"]:
+    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+  assert results["perplexity"][0]["vs_first"] == 0
 
 
 def test_transformers_point_on_tiny_random_llama():
