@@ -205,3 +205,31 @@ def test_paged_int8_decode_equals_contiguous_int8(tiny_model, attention_impl):
     np.testing.assert_array_equal(got_logits, want_logits)
   else:
     np.testing.assert_allclose(got_logits, want_logits, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every decoding strategy honours Model.kv_cache_dtype.
+
+
+def test_beam_search_and_speculative_decode_through_int8_caches(tiny_model, monkeypatch):
+  import dataclasses
+
+  import jinfer
+  int8_model = dataclasses.replace(tiny_model, kv_cache_dtype="int8")
+  created = []
+  init = KVCache.init.__func__
+  monkeypatch.setattr(KVCache, "init", classmethod(
+      lambda cls, *args, **kw: created.append(init(cls, *args, **kw)) or created[-1]))
+  beam = jinfer.BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
+  got = jinfer.beam_search(int8_model, ["hi there"], beam)
+  assert created and all(cache.quantized for cache in created)
+  want = jinfer.beam_search(tiny_model, ["hi there"], beam)
+  assert [s.token_ids for s in got[0]] == [s.token_ids for s in want[0]]
+
+  created.clear()
+  params = jinfer.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+  spec = jinfer.SpeculativeConfig("self", 2, draft_layers=1)
+  got = jinfer.generate(int8_model, ["hi there"], params, speculative=spec)
+  assert len(created) == 2 and all(cache.quantized for cache in created)  # target and draft
+  want = jinfer.generate(int8_model, ["hi there"], params)
+  assert got[0].token_ids == want[0].token_ids  # speculative greedy == plain greedy

@@ -249,8 +249,9 @@ def search(tokens_to_logits: TokensToLogits, state: BeamState, first_logits_BxV:
 
 
 def _beam_program(params, tokens_BxT, prompt_lens_B, active_B, settings, *, config, cache_len,
-                  capacity, width, num_candidates) -> BeamState:
-  logits_BxV, cache = prefill_logits(params, config, tokens_BxT, prompt_lens_B, cache_len)
+                  cache_dtype, capacity, width, num_candidates) -> BeamState:
+  logits_BxV, cache = prefill_logits(params, config, tokens_BxT, prompt_lens_B, cache_len,
+                                     cache_dtype)
   cache = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), cache)
 
   state = init_state(cache, tokens_BxT.shape[0], width, capacity, active_B)
@@ -259,7 +260,7 @@ def _beam_program(params, tokens_BxT, prompt_lens_B, active_B, settings, *, conf
 
 
 _BEAM_PROGRAM = jax.jit(_beam_program, static_argnames=(
-    "config", "cache_len", "capacity", "width", "num_candidates"))
+    "config", "cache_len", "cache_dtype", "capacity", "width", "num_candidates"))
 
 
 def _padded_prompts(prompt_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,7 +298,8 @@ def beam_search(model, prompts: Sequence[Prompt],
   stops = bucket(len(stop_ids), minimum=1)  # bucketed: more candidates never change the result
   settings = BeamSettings.create(params, stop_ids, stops)
   args = (model.params, tokens_BxT, prompt_lens_B, active_B, settings)
-  static = dict(config=model.config, cache_len=tokens_BxT.shape[1] + capacity, capacity=capacity,
+  static = dict(config=model.config, cache_len=tokens_BxT.shape[1] + capacity,
+                cache_dtype=jnp.dtype(model.cache_dtype), capacity=capacity,
                 width=params.beam_width,
                 num_candidates=min(1 + stops, model.config.vocab_size) * params.beam_width)
   state = _COMPILED.get(_BEAM_PROGRAM, args, static, GenerationStats())(*args)

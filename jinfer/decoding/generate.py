@@ -110,7 +110,7 @@ def prefill_logits(params, config, tokens_BxT: jax.Array, prompt_lens_B: jax.Arr
 
   The cache is `cache_dtype` (static under jit; int8 quantizes it), by default the params'.
   """
-  dtype = params["embed"].dtype if cache_dtype is None else cache_dtype
+  dtype = params["final_norm"].dtype if cache_dtype is None else cache_dtype
   cache = KVCache.init(config, tokens_BxT.shape[0], cache_len, dtype)
   return _prompt_logits(params, config, tokens_BxT, prompt_lens_B, cache)
 

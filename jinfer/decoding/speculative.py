@@ -344,13 +344,15 @@ def _drafter(draft_params, static: _Static) -> Drafter:
 
 
 def _prefill(params, draft_params, prompts_BxT, prompt_lens_B, sampling, done_B, *, config,
-             static: _Static, cache_len: int, capacity: int) -> SpecState:
-  """Prefills the target (and the draft model's cache) and samples each row's first token."""
-  logits_BxV, target_cache = prefill_logits(params, config, prompts_BxT, prompt_lens_B, cache_len)
+             static: _Static, cache_len: int, cache_dtype, capacity: int) -> SpecState:
+  """Prefills the target (and the draft model's cache) and samples each row's first token.
+
+  Both caches are `cache_dtype` (the target model's; int8 quantizes them)."""
+  logits_BxV, target_cache = prefill_logits(params, config, prompts_BxT, prompt_lens_B, cache_len,
+                                            cache_dtype)
   draft_cache = ()
   if static.draft_config is not None:
-    draft_cache = KVCache.init(static.draft_config, prompts_BxT.shape[0], cache_len,
-                               draft_params["embed"].dtype)
+    draft_cache = KVCache.init(static.draft_config, prompts_BxT.shape[0], cache_len, cache_dtype)
     positions_BxT = jnp.broadcast_to(jnp.arange(prompts_BxT.shape[1], dtype=jnp.int32),
                                      prompts_BxT.shape)
     _, draft_cache = llama.hidden_states(draft_params, static.draft_config, prompts_BxT,
@@ -365,7 +367,8 @@ def _decode(params, draft_params, state, sampling, *, config, static: _Static) -
                 sampling, static.k)
 
 
-_PREFILL = jax.jit(_prefill, static_argnames=("config", "static", "cache_len", "capacity"))
+_PREFILL = jax.jit(_prefill, static_argnames=("config", "static", "cache_len", "cache_dtype",
+                                             "capacity"))
 _DECODE = jax.jit(_decode, static_argnames=("config", "static"), donate_argnames=("state",))
 
 
@@ -446,7 +449,7 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
   args = (model.params, draft_params, prompts_BxT, b.prompt_lens_P[b.row_prompt_B], b.sampling,
           b.done_B)
   static_args = dict(config=model.config, static=static, cache_len=cache_len,
-                     capacity=b.capacity)
+                     cache_dtype=jnp.dtype(model.cache_dtype), capacity=b.capacity)
   state, seconds = _COMPILED.run(_PREFILL, args, static_args, stats)
   stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
