@@ -21,6 +21,10 @@ _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl", "auto", ["auto", "xla", "pallas"],
     "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; interpreted, "
     "slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "w8a8", "int4"],
+                              "Quantize the weights after loading.")
+_KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
+                                    "KV cache format: the model dtype, or int8 with scales.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Most tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
@@ -40,7 +44,8 @@ def main(argv):
 def _generate(jinfer):
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
   model = jinfer.load_model(_MODEL.value, dtype=_DTYPE.value,
-                            attention_impl=_ATTENTION_IMPL.value)
+                            attention_impl=_ATTENTION_IMPL.value, quantize=_QUANTIZE.value,
+                            kv_cache_dtype=_KV_CACHE_DTYPE.value)
   prompt = _PROMPT.value
   if _CHAT.value:
     prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
