@@ -383,55 +383,58 @@ def run_prefill(s: Settings, log: Callable[[str], None] = print) -> dict[str, li
   return {"attention": attention_rows, "model": model_rows}
 
 
-_BATCH = flags.DEFINE_integer("batch", 8, "Decode batch rows.")
-_CONTEXT_LENS = flags.DEFINE_list("context_lens", ["512", "2048", "8192"],
-                                  "Cached tokens per row.")
-_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 8, "KV heads.")
-_NUM_Q_HEADS = flags.DEFINE_integer("num_q_heads", 32, "Query heads (a multiple of KV heads).")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim (the TPU kernel needs 128k).")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per page.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Q/K/V dtype.")
-_PEAK_GBPS = flags.DEFINE_float(
-    "peak_gbps", None, "Peak memory bandwidth in GB/s; default: looked up from the device kind "
-    "(H100 3350, H200 4800, TPU v4 1200, v5e 819, v5p 2760, v6e 1640, this CPU 30).")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs after a warm-up; the median is kept.")
-_PAGES_PER_BLOCK = flags.DEFINE_integer("pages_per_block", None,
-                                        "Kernel tuning: pages per grid step (default: kernel's).")
-_NUM_SPLITS = flags.DEFINE_integer("num_splits", None,
-                                   "GPU kernel tuning: split-K programs per (row, KV head).")
-_PREFILL = flags.DEFINE_bool(
-    "prefill", False, "Measure chunked prefill over paged context instead of decode.")
-_CHUNK_SIZES = flags.DEFINE_list("chunk_sizes", ["16", "64", "256"],
-                                 "--prefill: new tokens per chunk.")
-_PREFILL_BATCH = flags.DEFINE_integer("prefill_batch", 1, "--prefill: rows per chunk call.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "--prefill: whole-model prompt length.")
-_MODEL_CHUNK = flags.DEFINE_integer("model_chunk", 64, "--prefill: whole-model chunk size.")
-_MODEL = flags.DEFINE_string(
-    "model", "", "--prefill: also time whole-model prefill of this checkpoint (e.g. "
-    "smollm2-135m-instruct) besides the tiny random config.")
-_QUICK = flags.DEFINE_bool("quick", False, "Small sizes, 2 repeats: a smoke run (overrides sizes).")
+def _define_flags() -> None:
+  """The command line's flags, defined only when run as a script: jinfer.benchmark defines some
+  of the same names, and tests import both modules."""
+  flags.DEFINE_integer("batch", 8, "Decode batch rows.")
+  flags.DEFINE_list("context_lens", ["512", "2048", "8192"], "Cached tokens per row.")
+  flags.DEFINE_integer("num_kv_heads", 8, "KV heads.")
+  flags.DEFINE_integer("num_q_heads", 32, "Query heads (a multiple of KV heads).")
+  flags.DEFINE_integer("head_dim", 128, "Head dim (the TPU kernel needs 128k).")
+  flags.DEFINE_integer("page_size", 16, "Tokens per page.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Q/K/V dtype.")
+  flags.DEFINE_float(
+      "peak_gbps", None, "Peak memory bandwidth in GB/s; default: looked up from the device kind "
+      "(H100 3350, H200 4800, TPU v4 1200, v5e 819, v5p 2760, v6e 1640, this CPU 30).")
+  flags.DEFINE_integer("repeats", 10, "Timed runs after a warm-up; the median is kept.")
+  flags.DEFINE_integer("pages_per_block", None,
+                       "Kernel tuning: pages per grid step (default: kernel's).")
+  flags.DEFINE_integer("num_splits", None,
+                       "GPU kernel tuning: split-K programs per (row, KV head).")
+  flags.DEFINE_bool(
+      "prefill", False, "Measure chunked prefill over paged context instead of decode.")
+  flags.DEFINE_list("chunk_sizes", ["16", "64", "256"], "--prefill: new tokens per chunk.")
+  flags.DEFINE_integer("prefill_batch", 1, "--prefill: rows per chunk call.")
+  flags.DEFINE_integer("prompt_len", 512, "--prefill: whole-model prompt length.")
+  flags.DEFINE_integer("model_chunk", 64, "--prefill: whole-model chunk size.")
+  flags.DEFINE_string(
+      "model", "", "--prefill: also time whole-model prefill of this checkpoint (e.g. "
+      "smollm2-135m-instruct) besides the tiny random config.")
+  flags.DEFINE_bool("quick", False, "Small sizes, 2 repeats: a smoke run (overrides sizes).")
 
 
 def settings_from_flags() -> Settings:
-  tuning = {"pages_per_block": _PAGES_PER_BLOCK.value, "num_splits": _NUM_SPLITS.value}
+  f = flags.FLAGS
+  tuning = {"pages_per_block": f.pages_per_block, "num_splits": f.num_splits}
   s = Settings(
-      batch=_BATCH.value, context_lens=tuple(int(n) for n in _CONTEXT_LENS.value),
-      num_kv_heads=_NUM_KV_HEADS.value, num_q_heads=_NUM_Q_HEADS.value, head_dim=_HEAD_DIM.value,
-      page_size=_PAGE_SIZE.value, dtype=_DTYPE.value, peak_gbps=_PEAK_GBPS.value,
-      repeats=_REPEATS.value, tuning=tuple((k, v) for k, v in tuning.items() if v is not None),
-      chunk_sizes=tuple(int(n) for n in _CHUNK_SIZES.value), prefill_batch=_PREFILL_BATCH.value,
-      prompt_len=_PROMPT_LEN.value, model_chunk=_MODEL_CHUNK.value, model=_MODEL.value)
-  return s.quick() if _QUICK.value else s
+      batch=f.batch, context_lens=tuple(int(n) for n in f.context_lens),
+      num_kv_heads=f.num_kv_heads, num_q_heads=f.num_q_heads, head_dim=f.head_dim,
+      page_size=f.page_size, dtype=f.dtype, peak_gbps=f.peak_gbps, repeats=f.repeats,
+      tuning=tuple((k, v) for k, v in tuning.items() if v is not None),
+      chunk_sizes=tuple(int(n) for n in f.chunk_sizes), prefill_batch=f.prefill_batch,
+      prompt_len=f.prompt_len, model_chunk=f.model_chunk, model=f.model)
+  return s.quick() if f.quick else s
 
 
 def main(argv):
   del argv
   s = settings_from_flags()
-  if _PREFILL.value:
+  if flags.FLAGS.prefill:
     run_prefill(s)
   else:
     run_decode(s)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
