@@ -158,12 +158,12 @@ def is_quantized(params: Params) -> bool:
 def describe(params: Params) -> Optional[dict[str, Any]]:
   """{'mode', 'group_size', 'embeddings'} of quantized params (None for float params): what a
   checkpoint records to rebuild them (`restore`)."""
-  layer = params["layers"][0]
-  if not isinstance(layer["w_qkv"], QuantizedWeight):
+  layers = params.get("layers") or [{}]
+  w = layers[0].get("w_qkv")
+  if not isinstance(w, QuantizedWeight):
     return None
-  w = layer["w_qkv"]
   return {"mode": w.mode, "group_size": w.group_size,
-          "embeddings": isinstance(params["embed"], QuantizedWeight)}
+          "embeddings": isinstance(params.get("embed"), QuantizedWeight)}
 
 
 def to_plain(params: Params) -> Params:
