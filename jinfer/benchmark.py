@@ -123,9 +123,10 @@ def build_prompt_ids(tokenizer, prompt_tokens: int, text: str = PROMPT_TEXT) -> 
 
 
 def weight_bytes(params) -> int:
-  """Bytes of all arrays in a parameter pytree: what batch-1 decode reads per step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return int(sum(x.nbytes for x in jax.tree.leaves(params)))
+  """Bytes of all arrays in a parameter pytree (codes and scales of quantized weights included):
+  what batch-1 decode reads per step."""
+  from jinfer.quant.weights import param_bytes  # pylint: disable=g-import-not-at-top
+  return param_bytes(params)
 
 
 def bandwidth_ceiling(nbytes: int, bandwidth_gbps: float) -> float:

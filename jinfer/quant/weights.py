@@ -25,7 +25,6 @@ from typing import Any, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jinfer.errors import InvalidRequestError
 
@@ -63,7 +62,7 @@ class QuantizedWeight:
 
   @property
   def nbytes(self) -> int:
-    return sum(int(x.nbytes) for x in jax.tree.leaves(self))
+    return param_bytes(self)
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The float [O, I] weight these codes stand for."""
@@ -203,8 +202,7 @@ def restore(params: Params, description: Optional[dict[str, Any]]) -> Params:
 
 def param_bytes(params: Params) -> int:
   """Bytes the params occupy, codes and scales included."""
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(params))
+  return int(sum(x.nbytes for x in jax.tree.leaves(params)))
 
 
 # ----------------------------------------------------------------------------- used by the model
