@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer import cpu_kernels
 from jinfer.cache.kv_cache import KVCache
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.models.attention import attention
@@ -136,7 +137,8 @@ def _linear(x_BxTxI: jax.Array, w_OxI) -> jax.Array:
   """
   if isinstance(w_OxI, quant_weights.QuantizedWeight):
     return quant_weights.linear(x_BxTxI, w_OxI)
-  return jnp.einsum("BTI,OI->BTO", x_BxTxI, w_OxI)
+  return cpu_kernels.float_matmul(x_BxTxI, w_OxI,
+                                  fallback=lambda: jnp.einsum("BTI,OI->BTO", x_BxTxI, w_OxI))
 
 
 def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, rope: Rope):
@@ -184,7 +186,10 @@ def logits_from_hidden(params: Params, config: LlamaConfig, h_BxTxD: jax.Array) 
   head_VxD = params["embed"] if config.tie_embeddings else params["lm_head"]
   if isinstance(head_VxD, quant_weights.QuantizedWeight):
     return quant_weights.linear(h_BxTxD.astype(jnp.float32), head_VxD)
-  return jnp.einsum("BTD,VD->BTV", h_BxTxD, head_VxD, preferred_element_type=jnp.float32)
+  return cpu_kernels.float_matmul(
+      h_BxTxD, head_VxD, out_dtype=jnp.float32,
+      fallback=lambda: jnp.einsum("BTD,VD->BTV", h_BxTxD, head_VxD,
+                                  preferred_element_type=jnp.float32))
 
 
 def forward(params: Params, config: LlamaConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array,

@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jinfer import cpu_kernels
 from jinfer.errors import InvalidRequestError
 
 Params = dict[str, Any]
@@ -211,18 +212,22 @@ def param_bytes(params: Params) -> int:
 def linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
   """x @ w.T for a quantized [out, in] weight -> [B, T, O] in x's dtype.
 
-  int8 and w8a8 go through the int8 matmuls (Pallas kernels on TPU/GPU, their XLA references
-  elsewhere); int4 is dequantized in the jitted program, a nibble plane at a time.
+  At decode shapes on CPU every format runs in jinfer's native CPU kernels (`cpu_kernels`).
+  Otherwise int8 and w8a8 go through the int8 matmuls (Pallas kernels on TPU/GPU, their XLA
+  references elsewhere) and int4 is dequantized in the jitted program, a nibble plane at a time.
   """
   # Tie the weight to the activations: otherwise XLA hoists the dequantization out of decode
   # loops (the weights are loop-invariant) and keeps a float copy of every weight alive while
   # decoding, so the model would run from float weights and save no memory.
   x_BxTxI, w = jax.lax.optimization_barrier((x_BxTxI, w))
-  if w.bits == 8:
-    from pallas_kernels import int8_matmul  # pylint: disable=g-import-not-at-top
-    matmul = int8_matmul.int8_matmul_w8a8 if w.int8_activations else int8_matmul.int8_matmul
-    return matmul(x_BxTxI, w.codes, w.scales)
-  return _int4_linear(x_BxTxI, w)
+  if w.bits == 4:
+    return cpu_kernels.int4_matmul(x_BxTxI, w.codes, w.scales, w.offsets,
+                                   fallback=lambda: _int4_linear(x_BxTxI, w))
+  from pallas_kernels import int8_matmul  # pylint: disable=g-import-not-at-top
+  matmul = int8_matmul.int8_matmul_w8a8 if w.int8_activations else int8_matmul.int8_matmul
+  return cpu_kernels.int8_matmul(x_BxTxI, w.codes, w.scales,
+                                 fallback=lambda: matmul(x_BxTxI, w.codes, w.scales),
+                                 quantize_activations=w.int8_activations)
 
 
 def _int4_linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:

@@ -1,0 +1,88 @@
+"""Native CPU matmuls for decode (few rows), called from XLA through its FFI.
+
+XLA:CPU reads float32 weights at near memory bandwidth but converts int8, int4 and bfloat16
+weights to a float32 copy before every dot, so smaller weights decode *slower* than float32.
+These kernels (matmul.cc) convert in registers instead, so decode time follows the bytes read.
+They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
+int4 codes + scales + offsets) and return x @ W.T as [..., N].
+
+Each entry point takes the XLA computation it replaces (`fallback`) and uses it when the kernel
+does not apply: on other platforms (chosen per platform at lowering), for more than `MAX_ROWS`
+rows (prefill, where XLA's blocked GEMM is compute-efficient), for K or groups that do not
+divide by 32, or when the kernels could not be built (`build.load`; JINFER_CPU_KERNELS=0
+turns them off).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.cpu_kernels import build
+from pallas_kernels.int8_matmul.reference import quantize_per_token
+
+MAX_ROWS = 16  # beyond this many x rows, XLA's GEMM beats a weight-streaming kernel
+ALIGN = 32  # K and every scale group must divide by this (the kernels' unrolled step)
+
+
+def available() -> bool:
+  """True when the kernels are built and registered for this process."""
+  return build.load()
+
+
+def float_matmul(x_BxTxK: jax.Array, w_NxK: jax.Array, fallback: Callable[[], jax.Array],
+                 out_dtype=None) -> jax.Array:
+  """x @ w.T for a float32 or bfloat16 weight."""
+  target = {jnp.dtype(jnp.float32): "jinfer_matmul_f32",
+            jnp.dtype(jnp.bfloat16): "jinfer_matmul_bf16"}.get(jnp.dtype(w_NxK.dtype))
+  return _call(target, x_BxTxK, (w_NxK,), w_NxK.shape[0], None, fallback, out_dtype)
+
+
+def int8_matmul(x_BxTxK: jax.Array, codes_NxK: jax.Array, scales: jax.Array,
+                fallback: Callable[[], jax.Array], out_dtype=None,
+                quantize_activations: bool = False) -> jax.Array:
+  """x @ (codes * scales).T; scales [N] per row or [N, G] per group of K // G inputs.
+
+  quantize_activations (W8A8): x is quantized per token first. Its integer codes go through
+  the same kernel (products and sums of small integers are exact in float32) and the token
+  scale is applied after, which equals int8 x int8 -> int32 accumulation.
+  """
+  group = None if scales.ndim == 1 else codes_NxK.shape[1] // scales.shape[1]
+  return _call("jinfer_matmul_int8", x_BxTxK, (codes_NxK, scales), codes_NxK.shape[0], group,
+               fallback, out_dtype, quantize_activations)
+
+
+def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Array,
+                offsets_NxG: jax.Array, fallback: Callable[[], jax.Array],
+                out_dtype=None) -> jax.Array:
+  """x @ (codes * scales + offsets).T for two 4-bit codes per byte (even input low)."""
+  group = packed_NxK2.shape[1] * 2 // scales_NxG.shape[1]
+  return _call("jinfer_matmul_int4", x_BxTxK, (packed_NxK2, scales_NxG, offsets_NxG),
+               packed_NxK2.shape[0], group, fallback, out_dtype)
+
+
+def _call(target: Optional[str], x_BxTxK: jax.Array, weights: tuple, out_features: int,
+          group: Optional[int], fallback: Callable[[], jax.Array], out_dtype,
+          quantize_activations: bool = False) -> jax.Array:
+  *lead, in_features = x_BxTxK.shape
+  rows = math.prod(lead)
+  if (target is None or rows > MAX_ROWS or in_features % ALIGN
+      or (group is not None and group % ALIGN) or not build.load()):
+    return fallback()
+  out_dtype = out_dtype or x_BxTxK.dtype
+
+  def on_cpu():
+    x_MxK = x_BxTxK.reshape(rows, in_features).astype(jnp.float32)
+    if quantize_activations:
+      x_codes_MxK, x_scale_M = quantize_per_token(x_MxK)
+      x_MxK = x_codes_MxK.astype(jnp.float32)
+    y_MxN = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, out_features), jnp.float32))(
+        x_MxK, *weights)
+    if quantize_activations:
+      y_MxN = y_MxN * x_scale_M[:, None]
+    return y_MxN.reshape(*lead, out_features).astype(out_dtype)
+
+  return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)

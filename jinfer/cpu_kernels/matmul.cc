@@ -1,0 +1,326 @@
+// Decode-shaped matmuls for XLA:CPU, called through the XLA FFI:
+//   y[M, N] = x[M, K] @ W[N, K].T   for few rows M (one per sequence in a decode step),
+// with W stored as float32, bfloat16, int8 codes (per-row or per-group scales) or packed int4
+// codes (per-group scale and offset). Every weight is read once per call, converted to float32
+// in registers and multiplied into the M rows: decode is bound by reading the weights, and
+// XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy first).
+//
+// Built at first use by jinfer/cpu_kernels/build.py with -march=native. With AVX-512 the inner
+// loops use intrinsics; elsewhere plain loops the compiler vectorizes.
+// Preconditions (checked in Python): K and every group size are multiples of 32; int4 groups
+// hold whole 32-input blocks, whose 16 bytes store input pairs (2j low nibble, 2j+1 high).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define JINFER_AVX512 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRowsPerChunk = 16;  // output rows a thread claims at a time
+constexpr int kRowTile = 4;            // input rows multiplied per weight load
+
+// Runs fn(begin, end) over [0, n) in chunks claimed from an atomic counter by the calling
+// thread and by helpers scheduled on XLA's intra-op pool. A helper that starts late finds no
+// chunk left, so the caller only waits for chunks some running thread has claimed.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  const int64_t num_chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, num_chunks, n, fn]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < num_chunks;) {
+      fn(c * kRowsPerChunk, std::min(n, (c + 1) * kRowsPerChunk));
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < num_chunks) {
+#ifdef JINFER_AVX512
+    _mm_pause();
+#endif
+  }
+}
+
+// Per-format weight rows. Each loads 16 consecutive inputs of one row as float32 (Load16) and
+// knows its scalar value (At) for the portable path.
+struct F32Row {
+  const float* w;
+  float At(int64_t k) const { return w[k]; }
+#ifdef JINFER_AVX512
+  __m512 Load16(int64_t k) const { return _mm512_loadu_ps(w + k); }
+#endif
+};
+
+struct BF16Row {
+  const uint16_t* w;
+  float At(int64_t k) const {
+    uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+#ifdef JINFER_AVX512
+  __m512 Load16(int64_t k) const {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+#endif
+};
+
+struct Int8Row {
+  const int8_t* w;
+  float At(int64_t k) const { return w[k]; }
+#ifdef JINFER_AVX512
+  __m512 Load16(int64_t k) const {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+#endif
+};
+
+// sum over one group [k0, k0 + len) of x[i, k] * w[k], for MT rows of x (stride ldx), added
+// times `scale` into acc. len is a multiple of 32.
+#ifdef JINFER_AVX512
+template <int MT, typename Row>
+inline void AccumulateGroup(const float* x, int64_t ldx, const Row& row, int64_t k0, int64_t len,
+                            __m512 scale, __m512* acc) {
+  __m512 even[MT], odd[MT];  // two chains per row hide the FMA latency
+  for (int i = 0; i < MT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k0 + len; k += 32) {
+    const __m512 w0 = row.Load16(k), w1 = row.Load16(k + 16);
+    for (int i = 0; i < MT; ++i) {
+      even[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), w0, even[i]);
+      odd[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k + 16), w1, odd[i]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
+}
+#endif
+
+// out[i] = sum_k x[i, k] * w[k] * scale(k) for MT rows; scale is per group of `group` inputs
+// (group_scales, one per group) or none (nullptr).
+template <int MT, typename Row>
+inline void DotRows(const float* x, int64_t ldx, int64_t K, const Row& row, int64_t group,
+                    const float* group_scales, float* out) {
+#ifdef JINFER_AVX512
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  if (group_scales == nullptr) {
+    AccumulateGroup<MT>(x, ldx, row, 0, K, _mm512_set1_ps(1.0f), acc);
+  } else {
+    for (int64_t g = 0; g * group < K; ++g)
+      AccumulateGroup<MT>(x, ldx, row, g * group, group, _mm512_set1_ps(group_scales[g]), acc);
+  }
+  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+#else
+  for (int i = 0; i < MT; ++i) out[i] = 0.0f;
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    const float s = group_scales == nullptr ? 1.0f : group_scales[g0 / group];
+    for (int i = 0; i < MT; ++i) {
+      float part = 0.0f;
+      for (int64_t k = g0; k < g0 + group; ++k) part += x[i * ldx + k] * row.At(k);
+      out[i] += part * s;
+    }
+  }
+#endif
+}
+
+// y[m, n] = row_scale[n] * sum_k x[m, k] * w_n[k] (* group scale), for rows n in [n0, n1).
+// make_row(n) gives row n's weights; row_scales (per output row) may be null.
+template <typename MakeRow>
+void MatmulRows(const float* x, int64_t M, int64_t K, int64_t N, MakeRow make_row, int64_t group,
+                const float* group_scales, const float* row_scales, float* y, int64_t n0,
+                int64_t n1) {
+  const int64_t groups_per_row = K / group;
+  float out[kRowTile];
+  for (int64_t n = n0; n < n1; ++n) {
+    const auto row = make_row(n);
+    const float* gs = group_scales == nullptr ? nullptr : group_scales + n * groups_per_row;
+    for (int64_t m = 0; m < M; m += kRowTile) {
+      const int64_t mt = std::min<int64_t>(kRowTile, M - m);
+      const float* xm = x + m * K;
+      switch (mt) {
+        case 4: DotRows<4>(xm, K, K, row, group, gs, out); break;
+        case 3: DotRows<3>(xm, K, K, row, group, gs, out); break;
+        case 2: DotRows<2>(xm, K, K, row, group, gs, out); break;
+        default: DotRows<1>(xm, K, K, row, group, gs, out); break;
+      }
+      const float s = row_scales == nullptr ? 1.0f : row_scales[n];
+      for (int64_t i = 0; i < mt; ++i) y[(m + i) * N + n] = out[i] * s;
+    }
+  }
+}
+
+ffi::Error CheckShapes(int64_t M, int64_t K, int64_t x_k, int64_t y_m, int64_t y_n, int64_t N) {
+  if (x_k != K || y_m != M || y_n != N)
+    return ffi::Error::InvalidArgument("jinfer cpu matmul: x, w and y shapes do not agree");
+  if (K % 32 != 0) return ffi::Error::InvalidArgument("jinfer cpu matmul: K must divide by 32");
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType W, typename Row, typename Elem>
+ffi::Error FloatMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<W> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t M = x.dimensions()[0], K = w.dimensions()[1], N = w.dimensions()[0];
+  if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
+      e.failure())
+    return e;
+  const float* xp = x.typed_data();
+  const Elem* wp = reinterpret_cast<const Elem*>(w.untyped_data());
+  float* yp = y->typed_data();
+  ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
+    MatmulRows(xp, M, K, N, [=](int64_t n) { return Row{wp + n * K}; }, K, nullptr, nullptr, yp,
+               n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
+                      ffi::AnyBuffer scales, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t M = x.dimensions()[0], K = codes.dimensions()[1], N = codes.dimensions()[0];
+  if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
+      e.failure())
+    return e;
+  const bool per_group = scales.dimensions().size() == 2;
+  const int64_t group = per_group ? K / scales.dimensions()[1] : K;
+  if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int8 matmul: group % 32 != 0");
+  const float* xp = x.typed_data();
+  const int8_t* wp = codes.typed_data();
+  const float* sp = reinterpret_cast<const float*>(scales.untyped_data());
+  float* yp = y->typed_data();
+  ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
+    MatmulRows(xp, M, K, N, [=](int64_t n) { return Int8Row{wp + n * K}; }, group,
+               per_group ? sp : nullptr, per_group ? nullptr : sp, yp, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+// int4: w[n, k] = code * scale[n, g] + offset[n, g]. The offsets term is
+// offset[n, g] * sum_{k in g} x[m, k], so per-group sums of x are taken once per call. Within
+// each 32-input block x is reordered to [16 even inputs, 16 odd inputs] so the low and high
+// nibbles of the block's 16 bytes multiply contiguous x.
+ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                      ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t M = x.dimensions()[0], K = codes.dimensions()[1] * 2, N = codes.dimensions()[0];
+  if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
+      e.failure())
+    return e;
+  const int64_t G = scales.dimensions()[1], group = K / G;
+  if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int4 matmul: group % 32 != 0");
+  const float* xp = x.typed_data();
+  auto shuffled = std::make_shared<std::vector<float>>(M * K);
+  auto group_sums = std::make_shared<std::vector<float>>(M * G, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t block = k & ~int64_t{31}, j = k & 31;
+      (*shuffled)[m * K + block + (j & 1) * 16 + j / 2] = xp[m * K + k];
+      (*group_sums)[m * G + k / group] += xp[m * K + k];
+    }
+  }
+  const float* xs = shuffled->data();
+  const float* sums = group_sums->data();
+  const uint8_t* wp = codes.typed_data();
+  const float* sp = scales.typed_data();
+  const float* op = offsets.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = wp + n * (K / 2);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = xs + m * K;
+        float total = 0.0f;
+        for (int64_t g = 0; g < G; ++g) total += op[n * G + g] * sums[m * G + g];
+#ifdef JINFER_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 lo_acc = _mm512_setzero_ps(), hi_acc = _mm512_setzero_ps();
+          for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+            const __m128i lo = _mm_and_si128(b, low_nibbles);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
+            lo_acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k),
+                                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), lo_acc);
+            hi_acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k + 16),
+                                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), hi_acc);
+          }
+          acc = _mm512_fmadd_ps(_mm512_add_ps(lo_acc, hi_acc), _mm512_set1_ps(sp[n * G + g]), acc);
+        }
+        total += _mm512_reduce_add_ps(acc);
+#else
+        for (int64_t g = 0; g < G; ++g) {
+          float part = 0.0f;
+          for (int64_t k = g * group; k < (g + 1) * group; k += 32)
+            for (int j = 0; j < 16; ++j) {
+              part += xm[k + j] * (row[k / 2 + j] & 0x0F) + xm[k + 16 + j] * (row[k / 2 + j] >> 4);
+            }
+          total += part * sp[n * G + g];
+        }
+#endif
+        yp[m * N + n] = total;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  return FloatMatmul<ffi::F32, F32Row, float>(pool, x, w, y);
+}
+
+ffi::Error BF16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  return FloatMatmul<ffi::BF16, BF16Row, uint16_t>(pool, x, w, y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulF32, F32Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulBF16, BF16Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt8, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
