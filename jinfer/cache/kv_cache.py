@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jinfer import cpu_kernels
 from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
 from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
@@ -80,6 +81,13 @@ class KVCache:
 
   def attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """Causal attention [B, T, N, H] of queries at `positions` over this layer's cache."""
+    if q_BxTxNxH.shape[1] == 1 and not self.quantized:  # a decode step: the fused CPU kernel
+      return cpu_kernels.decode_attention(
+          q_BxTxNxH[:, 0], self.k[layer], self.v[layer], positions_BxT[:, 0],
+          fallback=lambda: self._xla_attend(layer, q_BxTxNxH, positions_BxT)[:, 0])[:, None]
+    return self._xla_attend(layer, q_BxTxNxH, positions_BxT)
+
+  def _xla_attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
     out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT,
                             k_positions_S[None, :])

@@ -1,10 +1,12 @@
-"""Native CPU matmuls for decode (few rows), called from XLA through its FFI.
+"""Native CPU kernels for decode steps (matmuls of few rows, one-token attention), called from
+XLA through its FFI.
 
 XLA:CPU reads float32 weights at near memory bandwidth but converts int8, int4 and bfloat16
 weights to a float32 copy before every dot, so smaller weights decode *slower* than float32.
-These kernels (matmul.cc) convert in registers instead, so decode time follows the bytes read.
+These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
-int4 codes + scales + offsets) and return x @ W.T as [..., N].
+int4 codes + scales + offsets) and return x @ W.T as [..., N]. `decode_attention` fuses a
+decode step's attention over a contiguous cache, which XLA compiles to a dozen small ops.
 
 Each entry point takes the XLA computation it replaces (`fallback`) and uses it when the kernel
 does not apply: on other platforms (chosen per platform at lowering), for more than `MAX_ROWS`
@@ -62,6 +64,23 @@ def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Arra
   group = packed_NxK2.shape[1] * 2 // scales_NxG.shape[1]
   return _call("jinfer_matmul_int4", x_BxTxK, (packed_NxK2, scales_NxG, offsets_NxG),
                packed_NxK2.shape[0], group, fallback, out_dtype)
+
+
+def decode_attention(q_BxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
+                     positions_B: jax.Array, fallback: Callable[[], jax.Array]) -> jax.Array:
+  """Causal attention of one query token per row at `positions` over a contiguous cache that
+  keeps position p in slot p (slots 0..p are visible); [B, N, H] in q's dtype."""
+  target = {jnp.dtype(jnp.float32): "jinfer_decode_attention_f32",
+            jnp.dtype(jnp.bfloat16): "jinfer_decode_attention_bf16"}.get(jnp.dtype(k_BxKxSxH.dtype))
+  if target is None or v_BxKxSxH.dtype != k_BxKxSxH.dtype or not build.load():
+    return fallback()
+
+  def on_cpu():
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_BxNxH.shape, jnp.float32))(
+        q_BxNxH.astype(jnp.float32), k_BxKxSxH, v_BxKxSxH, positions_B.astype(jnp.int32))
+    return out.astype(q_BxNxH.dtype)
+
+  return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
 
 
 def _call(target: Optional[str], x_BxTxK: jax.Array, weights: tuple, out_features: int,

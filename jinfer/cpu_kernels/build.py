@@ -1,4 +1,4 @@
-"""Builds matmul.cc into a shared library at first use and registers its XLA FFI targets.
+"""Builds kernels.cc into a shared library at first use and registers its XLA FFI targets.
 
 The library is compiled for the machine it runs on (-march=native) with the system C++ compiler
 against the XLA FFI headers that ship with jaxlib, and cached under
@@ -26,15 +26,15 @@ from pathlib import Path
 import jax
 import jaxlib
 
-from jinfer.checkpoints.registry import cache_dir
-
-SOURCE = Path(__file__).with_name("matmul.cc")
+SOURCE = Path(__file__).with_name("kernels.cc")
 # FFI target name -> exported handler symbol.
 TARGETS = {
     "jinfer_matmul_f32": "JinferMatmulF32",
     "jinfer_matmul_bf16": "JinferMatmulBF16",
     "jinfer_matmul_int8": "JinferMatmulInt8",
     "jinfer_matmul_int4": "JinferMatmulInt4",
+    "jinfer_decode_attention_f32": "JinferDecodeAttentionF32",
+    "jinfer_decode_attention_bf16": "JinferDecodeAttentionBF16",
 }
 DISABLE_ENV = "JINFER_CPU_KERNELS"  # set to 0 to keep XLA's matmuls
 
@@ -57,10 +57,12 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
+  # Imported here: the checkpoints package imports the model, which imports these kernels.
+  from jinfer.checkpoints.registry import cache_dir  # pylint: disable=g-import-not-at-top
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256("\n".join(
       [SOURCE.read_text(), jaxlib.__version__, version, _cpu_flags()]).encode()).hexdigest()[:16]
-  return cache_dir() / "cpu_kernels" / f"matmul-{key}.so"
+  return cache_dir() / "cpu_kernels" / f"kernels-{key}.so"
 
 
 def _compile(compiler: str, output: Path) -> None:

@@ -1,9 +1,14 @@
-// Decode-shaped matmuls for XLA:CPU, called through the XLA FFI:
-//   y[M, N] = x[M, K] @ W[N, K].T   for few rows M (one per sequence in a decode step),
+// Decode-step kernels for XLA:CPU, called through the XLA FFI.
+//
+// Matmuls y[M, N] = x[M, K] @ W[N, K].T for few rows M (one per sequence in a decode step),
 // with W stored as float32, bfloat16, int8 codes (per-row or per-group scales) or packed int4
 // codes (per-group scale and offset). Every weight is read once per call, converted to float32
 // in registers and multiplied into the M rows: decode is bound by reading the weights, and
 // XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy first).
+//
+// Decode attention: one query token per row over a contiguous [B, K, S, H] KV cache, fused
+// (scores, softmax and the weighted sum of values in one pass per KV head) in place of the
+// dozen small XLA ops and the per-step transposed copy of V that the XLA math compiles to.
 //
 // Built at first use by jinfer/cpu_kernels/build.py with -march=native. With AVX-512 the inner
 // loops use intrinsics; elsewhere plain loops the compiler vectorizes.
@@ -11,6 +16,7 @@
 // hold whole 32-input blocks, whose 16 bytes store input pairs (2j low nibble, 2j+1 high).
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -35,16 +41,16 @@ constexpr int kRowTile = 4;            // input rows multiplied per weight load
 // thread and by helpers scheduled on XLA's intra-op pool. A helper that starts late finds no
 // chunk left, so the caller only waits for chunks some running thread has claimed.
 template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  const int64_t num_chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn, int64_t chunk = kRowsPerChunk) {
+  const int64_t num_chunks = (n + chunk - 1) / chunk;
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
   };
   auto state = std::make_shared<State>();
-  auto work = [state, num_chunks, n, fn]() {
+  auto work = [state, num_chunks, n, chunk, fn]() {
     for (int64_t c; (c = state->next.fetch_add(1)) < num_chunks;) {
-      fn(c * kRowsPerChunk, std::min(n, (c + 1) * kRowsPerChunk));
+      fn(c * chunk, std::min(n, (c + 1) * chunk));
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -282,6 +288,71 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// out[b, n, :] = softmax_s(q[b, n] . k[b, kv, s] / sqrt(H)) @ v[b, kv, :, :] over slots
+// s <= positions[b] (a contiguous cache keeps position p in slot p), kv = n / (N / K).
+template <typename Row, typename Elem>
+void AttendOneHead(const float* q_GxH, const Elem* k_SxH, const Elem* v_SxH, int64_t groups,
+                   int64_t visible, int64_t H, float* out_GxH, float* scores) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* q = q_GxH + g * H;
+    float* out = out_GxH + g * H;
+    float max_score = -INFINITY;
+    for (int64_t s = 0; s < visible; ++s) {
+      const Row k{k_SxH + s * H};
+      float dot = 0.0f;
+      for (int64_t h = 0; h < H; ++h) dot += q[h] * k.At(h);
+      scores[s] = dot * scale;
+      max_score = std::max(max_score, scores[s]);
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < visible; ++s) total += scores[s] = std::exp(scores[s] - max_score);
+    for (int64_t h = 0; h < H; ++h) out[h] = 0.0f;
+    for (int64_t s = 0; s < visible; ++s) {
+      const Row v{v_SxH + s * H};
+      const float p = scores[s] / total;
+      for (int64_t h = 0; h < H; ++h) out[h] += p * v.At(h);
+    }
+  }
+}
+
+template <ffi::DataType D, typename Row, typename Elem>
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<D> k, ffi::Buffer<D> v, ffi::Buffer<ffi::S32> positions,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  const auto kd = k.dimensions();
+  const int64_t B = kd[0], K = kd[1], S = kd[2], H = kd[3], N = q.dimensions()[1];
+  const auto vd = v.dimensions();
+  if (q.dimensions()[0] != B || q.dimensions()[2] != H || N % K != 0 || vd[0] != B ||
+      vd[1] != K || vd[2] != S || vd[3] != H || positions.dimensions()[0] != B)
+    return ffi::Error::InvalidArgument("jinfer decode attention: q, k, v, positions disagree");
+  const int64_t groups = N / K;
+  const float* qp = q.typed_data();
+  const Elem* kp = reinterpret_cast<const Elem*>(k.untyped_data());
+  const Elem* vp = reinterpret_cast<const Elem*>(v.untyped_data());
+  const int32_t* pos = positions.typed_data();
+  float* op = out->typed_data();
+  auto heads = [=](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, kv = bk % K;
+      // A padding row (position < 0) sees slot 0 only: finite values, discarded by the caller.
+      const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, S);
+      AttendOneHead<Row>(qp + (b * N + kv * groups) * H, kp + (b * K + kv) * S * H,
+                         vp + (b * K + kv) * S * H, groups, visible, H,
+                         op + (b * N + kv * groups) * H, scores.data());
+    }
+  };
+  int64_t work = 0;  // cache elements read, to skip threading when a wake-up costs more
+  for (int64_t b = 0; b < B; ++b) work += std::clamp<int64_t>(pos[b] + 1, 1, S) * K * H;
+  if (work < (int64_t{1} << 16)) {
+    heads(0, B * K);
+  } else {
+    ParallelFor(pool, B * K, heads, /*chunk=*/1);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> y) {
   return FloatMatmul<ffi::F32, F32Row, float>(pool, x, w, y);
@@ -290,6 +361,18 @@ ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 ffi::Error BF16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   return FloatMatmul<ffi::BF16, BF16Row, uint16_t>(pool, x, w, y);
+}
+
+ffi::Error F32Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> positions,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  return DecodeAttention<ffi::F32, F32Row, float>(pool, q, k, v, positions, out);
+}
+
+ffi::Error BF16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
+                         ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> positions,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  return DecodeAttention<ffi::BF16, BF16Row, uint16_t>(pool, q, k, v, positions, out);
 }
 
 }  // namespace
@@ -323,4 +406,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeAttentionF32, F32Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeAttentionBF16, BF16Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
