@@ -7,7 +7,7 @@ compiler and the CPU's feature flags, so a changed source or a home directory sh
 different machines never loads a stale or foreign build.
 
 Without a compiler (or if the build fails) `load()` returns False once, with a warning naming
-the cause, and jinfer keeps XLA's own matmuls.
+the cause, and jinfer keeps XLA's own ops.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TARGETS = {
     "jinfer_decode_attention_f32": "JinferDecodeAttentionF32",
     "jinfer_decode_attention_bf16": "JinferDecodeAttentionBF16",
 }
-DISABLE_ENV = "JINFER_CPU_KERNELS"  # set to 0 to keep XLA's matmuls
+DISABLE_ENV = "JINFER_CPU_KERNELS"  # set to 0 to keep XLA's own ops
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +77,31 @@ def _compile(compiler: str, output: Path) -> None:
     os.replace(built, output)  # atomic: concurrent first uses never load a half-written file
 
 
+def compiled_library() -> Path:
+  """The library built for this machine, compiled now if no cached build exists."""
+  compiler = _compiler()
+  if compiler is None:
+    raise RuntimeError("no C++ compiler found; install g++ or set CXX")
+  path = library_path(compiler)
+  if not path.exists():
+    log.info("compiling jinfer CPU kernels into %s", path)
+    _compile(compiler, path)
+  return path
+
+
 @functools.cache
 def load() -> bool:
-  """Compiles (once per machine) and registers the kernels; False if they are unavailable."""
+  """Builds (once per machine) and registers the kernels; False if they are unavailable."""
   if os.environ.get(DISABLE_ENV, "1") == "0":
     return False
   if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
     return False  # the build flags and the AVX-512 paths are written for x86-64 Linux
-  compiler = _compiler()
-  if compiler is None:
-    log.warning("jinfer CPU matmul kernels disabled: no C++ compiler found (install g++ or set "
-                "CXX); decode uses XLA's slower matmuls.")
-    return False
   try:
-    path = library_path(compiler)
-    if not path.exists():
-      log.info("compiling jinfer CPU matmul kernels into %s", path)
-      _compile(compiler, path)
-    library = ctypes.cdll.LoadLibrary(str(path))
+    library = ctypes.cdll.LoadLibrary(str(compiled_library()))
     for target, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
-  except (OSError, RuntimeError, AttributeError) as e:
-    log.warning("jinfer CPU matmul kernels disabled (%s); decode uses XLA's matmuls.", e)
+  except (OSError, RuntimeError, AttributeError, ValueError) as e:
+    log.warning("jinfer CPU kernels disabled (%s); decode uses XLA's slower ops.", e)
     return False
   return True

@@ -1,0 +1,172 @@
+"""Native CPU decode kernels (jinfer/cpu_kernels): each against the XLA computation it replaces,
+when they apply (the lowered program calls them) and when they fall back, and the build's
+failure paths (no compiler, a failing compile, disabled by the environment)."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jinfer
+from jinfer import cpu_kernels
+from jinfer.cpu_kernels import build
+from jinfer.models.attention import attention
+from jinfer.quant import weights as qw
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason="jinfer CPU kernels unavailable on this machine")
+
+RNG = np.random.default_rng(0)
+
+
+def _normal(*shape):
+  return jnp.asarray(RNG.standard_normal(shape).astype(np.float32))
+
+
+def _einsum(x, w):
+  return jnp.einsum("BTI,OI->BTO", x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def _wrong(like):
+  """A fallback whose result a test would reject (platform_dependent traces both branches)."""
+  return lambda: jnp.full_like(like, jnp.nan)
+
+
+def _lowered_text(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float_matmul_matches_xla(rows, dtype):
+  x, w = _normal(rows, 1, 96), _normal(40, 96).astype(dtype)  # N not a multiple of a chunk
+  fn = lambda x, w: cpu_kernels.float_matmul(x, w, fallback=lambda: _einsum(x, w),
+                                             out_dtype=jnp.float32)
+  assert "jinfer_matmul_" in _lowered_text(fn, x, w)
+  np.testing.assert_allclose(jax.jit(fn)(x, w), _einsum(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+@pytest.mark.parametrize("mode,group_size", [("int8", None), ("int8", 32), ("int4", 32),
+                                             ("int4", 64), ("w8a8", None), ("w8a8", 64)])
+def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
+  w = qw.quantize(_normal(48, 128) + 0.25, mode, group_size)
+  x = _normal(rows, 1, 128)
+  fn = lambda x, w: qw.linear(x, w)
+  assert "jinfer_matmul_int" in _lowered_text(fn, x, w)
+  got = jax.jit(fn)(x, w)
+  if mode == "w8a8":  # the reference quantizes the activations the same way
+    from pallas_kernels.int8_matmul import ref_int8_matmul_w8a8
+    want = ref_int8_matmul_w8a8(x, w.codes, w.scales)
+  else:
+    want = _einsum(x, w.dequantize())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [
+    ((17, 1, 64), (32, 64)),  # more rows than MAX_ROWS (a prefill): XLA's GEMM
+    ((2, 1, 48), (32, 48)),  # K not a multiple of 32
+])
+def test_falls_back_to_xla_where_the_kernel_does_not_apply(x_shape, w_shape):
+  x, w = _normal(*x_shape), _normal(*w_shape)
+  fn = lambda x, w: cpu_kernels.float_matmul(x, w, fallback=lambda: _einsum(x, w) + 1.0)
+  assert "jinfer_matmul_" not in _lowered_text(fn, x, w)
+  np.testing.assert_allclose(jax.jit(fn)(x, w), _einsum(x, w) + 1.0, rtol=1e-6)
+
+
+def test_int8_groups_not_divisible_by_32_fall_back():
+  w = qw.quantize(_normal(16, 96), "int8", group_size=48)
+  x = _normal(1, 1, 96)
+  assert "jinfer_matmul_" not in _lowered_text(qw.linear, x, w)
+  np.testing.assert_allclose(qw.linear(x, w), _einsum(x, w.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_matches_xla(dtype):
+  batch, kv_heads, groups, slots, head_dim = 4, 2, 3, 40, 64
+  q = _normal(batch, kv_heads * groups, head_dim).astype(dtype)
+  k = _normal(batch, kv_heads, slots, head_dim).astype(dtype)
+  v = _normal(batch, kv_heads, slots, head_dim).astype(dtype)
+  positions = jnp.array([0, 9, 39, 25])  # first slot only, middle, whole cache
+  want = attention(q[:, None], k, v, positions[:, None], jnp.arange(slots)[None])[:, 0]
+  fn = lambda q, k, v, p: cpu_kernels.decode_attention(q, k, v, p, fallback=_wrong(q))
+  assert "jinfer_decode_attention" in _lowered_text(fn, q, k, v, positions)
+  got = jax.jit(fn)(q, k, v, positions)
+  assert got.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
+
+
+def test_long_context_attention_is_split_across_threads():
+  # Enough cache to take the threaded path; positions beyond the cache are clamped to it.
+  q, k, v = _normal(2, 6, 64), _normal(2, 3, 700, 64), _normal(2, 3, 700, 64)
+  positions = jnp.array([699, 450])
+  want = attention(q[:, None], k, v, positions[:, None], jnp.arange(700)[None])[:, 0]
+  got = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, fallback=_wrong(q)))(q, k, v, positions)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_model_decode_equals_decode_without_kernels(tiny_model):
+  """Greedy decode through the kernels gives the tokens XLA's own ops give (kernels off in a
+  subprocess, since the choice is made when the kernels are first loaded)."""
+  prompts = [[5, 9, 2, 7], [11, 3]]
+  params = jinfer.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+  with_kernels = [o.token_ids for o in jinfer.generate(tiny_model, prompts, params)]
+  script = (
+      "import sys, jinfer, jax, jax.numpy as jnp\n"
+      f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+      "from conftest import ByteTokenizer\n"
+      "from jinfer.models import llama\n"
+      "from jinfer.cpu_kernels import build\n"
+      "assert not build.load()\n"
+      "from jinfer.models.config import TINY_GQA as config\n"
+      "model = jinfer.Model(config, llama.init_params(config, jax.random.key(0)), ByteTokenizer())\n"
+      f"params = jinfer.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)\n"
+      f"print([o.token_ids for o in jinfer.generate(model, {prompts}, params)])\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, build.DISABLE_ENV: "0"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == str(with_kernels)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+  """load() recomputed in an empty cache dir; the process's registration is restored after."""
+  monkeypatch.setenv("JINFER_CACHE_DIR", str(tmp_path))
+  build.load.cache_clear()
+  yield
+  build.load.cache_clear()
+  monkeypatch.undo()
+  assert build.load()
+
+
+def test_no_compiler_disables_kernels_with_a_warning(fresh_build, monkeypatch, caplog):
+  monkeypatch.setattr(build, "_compiler", lambda: None)
+  with caplog.at_level(logging.WARNING):
+    assert not build.load()
+  assert "kernels disabled (no C++ compiler found; install g++ or set CXX)" in caplog.text
+
+
+def test_failed_compile_disables_kernels_with_the_compiler_error(fresh_build, monkeypatch, caplog,
+                                                                 tmp_path):
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++;\n")
+  monkeypatch.setattr(build, "SOURCE", broken)
+  with caplog.at_level(logging.WARNING):
+    assert not build.load()
+  assert "kernels disabled" in caplog.text and "broken.cc" in caplog.text
+  assert not list(tmp_path.glob("cpu_kernels/*.so"))  # nothing half-built is left to load
+
+
+def test_build_is_cached_per_source_and_machine(fresh_build, tmp_path):
+  path = build.compiled_library()
+  assert path == build.library_path(build._compiler()) and path.parent == tmp_path / "cpu_kernels"
+  built_at = path.stat().st_mtime_ns
+  assert build.compiled_library() == path and path.stat().st_mtime_ns == built_at  # reused
+  assert list(path.parent.iterdir()) == [path]  # the temporary build directory is gone
