@@ -148,6 +148,38 @@ inline void DotRows(const float* x, int64_t ldx, int64_t K, const Row& row, int6
 #endif
 }
 
+// One x row against four weight rows (M = 1, the common decode step): four independent
+// accumulator chains and one x load per four weight loads.
+template <typename Row>
+inline void DotFourRows(const float* x, int64_t K, const Row* rows, int64_t group,
+                        const float* group_scales, int64_t groups_per_row, float* out) {
+#ifdef JINFER_AVX512
+  __m512 acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    __m512 part[4];
+    for (int i = 0; i < 4; ++i) part[i] = _mm512_setzero_ps();
+    for (int64_t k = g0; k < g0 + group; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      for (int i = 0; i < 4; ++i) part[i] = _mm512_fmadd_ps(xv, rows[i].Load16(k), part[i]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      acc[i] = group_scales == nullptr
+                   ? _mm512_add_ps(acc[i], part[i])
+                   : _mm512_fmadd_ps(part[i],
+                                     _mm512_set1_ps(group_scales[i * groups_per_row + g0 / group]),
+                                     acc[i]);
+    }
+  }
+  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+#else
+  for (int i = 0; i < 4; ++i) {
+    DotRows<1>(x, K, K, rows[i], group,
+               group_scales == nullptr ? nullptr : group_scales + i * groups_per_row, out + i);
+  }
+#endif
+}
+
 // y[m, n] = row_scale[n] * sum_k x[m, k] * w_n[k] (* group scale), for rows n in [n0, n1).
 // make_row(n) gives row n's weights; row_scales (per output row) may be null.
 template <typename MakeRow>
@@ -156,7 +188,17 @@ void MatmulRows(const float* x, int64_t M, int64_t K, int64_t N, MakeRow make_ro
                 int64_t n1) {
   const int64_t groups_per_row = K / group;
   float out[kRowTile];
-  for (int64_t n = n0; n < n1; ++n) {
+  if (M == 1) {
+    for (; n0 + 4 <= n1; n0 += 4) {
+      const decltype(make_row(n0)) rows[4] = {make_row(n0), make_row(n0 + 1), make_row(n0 + 2),
+                                              make_row(n0 + 3)};
+      DotFourRows(x, K, rows, group,
+                  group_scales == nullptr ? nullptr : group_scales + n0 * groups_per_row,
+                  groups_per_row, out);
+      for (int i = 0; i < 4; ++i) y[n0 + i] = out[i] * (row_scales == nullptr ? 1.0f : row_scales[n0 + i]);
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) {  // M > 1, or the last rows of a chunk
     const auto row = make_row(n);
     const float* gs = group_scales == nullptr ? nullptr : group_scales + n * groups_per_row;
     for (int64_t m = 0; m < M; m += kRowTile) {
