@@ -274,17 +274,17 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t G = scales.dimensions()[1], group = K / G;
   if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int4 matmul: group % 32 != 0");
   const float* xp = x.typed_data();
-  auto shuffled = std::make_shared<std::vector<float>>(M * K);
-  auto group_sums = std::make_shared<std::vector<float>>(M * G, 0.0f);
+  // Plain locals: ParallelFor returns only after every claimed chunk is done.
+  std::vector<float> shuffled(M * K), group_sums(M * G, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t block = k & ~int64_t{31}, j = k & 31;
-      (*shuffled)[m * K + block + (j & 1) * 16 + j / 2] = xp[m * K + k];
-      (*group_sums)[m * G + k / group] += xp[m * K + k];
+      shuffled[m * K + block + (j & 1) * 16 + j / 2] = xp[m * K + k];
+      group_sums[m * G + k / group] += xp[m * K + k];
     }
   }
-  const float* xs = shuffled->data();
-  const float* sums = group_sums->data();
+  const float* xs = shuffled.data();
+  const float* sums = group_sums.data();
   const uint8_t* wp = codes.typed_data();
   const float* sp = scales.typed_data();
   const float* op = offsets.typed_data();
