@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
+import numpy as np
 
 # Fixed English text the benchmark prompt is cut from (repeated when more tokens are needed).
 PROMPT_TEXT = (
@@ -56,7 +57,8 @@ class BenchConfig:
   prompt_tokens: int = 64
   new_tokens: int = 128
   repeats: int = 2
-  bandwidth_gbps: float = 30.0
+  # Memory bandwidth for the batch-1 roofline; None: measured in this run (`roofline_bandwidth`).
+  bandwidth_gbps: Optional[float] = None
   quantize: tuple[str, ...] = ()  # QUANT_FORMATS measured besides `dtypes`
 
 
@@ -127,6 +129,35 @@ def weight_bytes(params) -> int:
   what batch-1 decode reads per step."""
   from jinfer.quant.weights import param_bytes  # pylint: disable=g-import-not-at-top
   return param_bytes(params)
+
+
+def measured_read_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> float:
+  """This machine's memory read bandwidth in GB/s: the best of `repeats` numpy float32
+  matrix-vector products over an `nbytes` matrix (the installed multi-threaded BLAS, which
+  streams the matrix once; the method FACTS.md used)."""
+  w = np.ones((nbytes // (4 * 1024), 1024), np.float32)
+  x = np.ones((1024,), np.float32)
+  best = float("inf")
+  for _ in range(repeats + 1):  # the first product also faults the pages in
+    start = time.perf_counter()
+    w @ x
+    best = min(best, time.perf_counter() - start)
+  return w.nbytes / best / 1e9
+
+
+def roofline_bandwidth(requested_gbps: Optional[float]) -> tuple[float, str]:
+  """(GB/s, where it comes from) for the batch-1 ceiling: the requested figure, the device's
+  HBM peak on TPU/GPU, or on CPU the read bandwidth measured now (so the fraction of the
+  ceiling compares two figures from one run on one machine)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if requested_gbps:
+    return requested_gbps, "--bandwidth_gbps"
+  if jax.default_backend() != "cpu":
+    from pallas_kernels.paged_attention.benchmark import peak_gbps_for  # pylint: disable=g-import-not-at-top
+    peak = peak_gbps_for(jax.devices()[0].device_kind)
+    if peak is not None:
+      return peak, f"{jax.devices()[0].device_kind} peak"
+  return measured_read_gbps(), "numpy float32 GEMV over 512 MB, measured in this run"
 
 
 def bandwidth_ceiling(nbytes: int, bandwidth_gbps: float) -> float:
@@ -439,7 +470,7 @@ def _fmt(value, spec: str) -> str:
 def format_table(rows: Sequence[Row], bandwidth_gbps: float) -> str:
   """Markdown table of the rows."""
   header = ["system", "dtype", "batch", "compile s", "prefill ms", "decode tok/s", "ms/step",
-            f"ceiling tok/s @{bandwidth_gbps:g} GB/s", "of ceiling", "notes"]
+            f"ceiling tok/s @{bandwidth_gbps:.1f} GB/s", "of ceiling", "notes"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     cells = [r.system, r.dtype, str(r.batch), _fmt(r.compile_s, ".2f"), _fmt(r.prefill_ms, ".1f"),
@@ -474,6 +505,9 @@ def run_benchmark(model, cfg: BenchConfig, peers: Sequence[str] = ("transformers
   """
   _check_config(cfg)
   facts = machine_facts()
+  gbps, source = roofline_bandwidth(cfg.bandwidth_gbps)
+  facts["roofline_bandwidth"] = f"{gbps:.1f} GB/s ({source})"
+  cfg = dataclasses.replace(cfg, bandwidth_gbps=gbps)
   rows = bench_jinfer(model, cfg, log)
   peer_rows, skipped = run_peers(peers, peer_ctx, cfg, log)
   rows += peer_rows
@@ -613,8 +647,8 @@ _PEERS = flags.DEFINE_list(
     "peers", ["transformers"], f"Peers to compare with: any of {list(KNOWN_PEERS)}, or 'none'.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is kept.")
 _BANDWIDTH_GBPS = flags.DEFINE_float(
-    "bandwidth_gbps", 30.0, "Memory bandwidth for the batch-1 roofline (30 GB/s on the 2-core "
-    "dev machine, see FACTS.md).")
+    "bandwidth_gbps", None, "Memory bandwidth for the batch-1 roofline; by default the device's "
+    "HBM peak on TPU/GPU and, on CPU, the read bandwidth measured at the start of the run.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
 _SPECULATIVE = flags.DEFINE_list(
     "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")

@@ -37,6 +37,9 @@ def test_run_benchmark_on_tiny_model(tiny_model, tmp_path):
   results = benchmark.run_benchmark(tiny_model, TINY, peers=["none"], log=logs.append)
   assert set(results) == {"facts", "config", "rows", "skipped", "speedup"}
   assert results["facts"]["cpu_count"] >= 1 and results["facts"]["jax"]
+  # The roofline uses the memory bandwidth measured in the same run.
+  assert "GB/s (numpy float32 GEMV" in results["facts"]["roofline_bandwidth"]
+  assert results["config"]["bandwidth_gbps"] > 0
   assert [(r["dtype"], r["batch"]) for r in results["rows"]] == [
       ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
   for row in results["rows"]:
@@ -103,8 +106,17 @@ def test_transformers_point_on_tiny_random_llama():
   _check_row(dataclasses.asdict(row), "transformers", 2, "float32")
 
 
+def test_measured_read_bandwidth_is_a_plausible_rate():
+  gbps = benchmark.measured_read_gbps(nbytes=16 << 20, repeats=2)
+  assert 0.1 < gbps < 10_000  # GB/s: any real memory system, and not a unit mistake
+
+
+def test_requested_bandwidth_overrides_the_measurement():
+  assert benchmark.roofline_bandwidth(42.0) == (42.0, "--bandwidth_gbps")
+
+
 def test_speedup_and_table_from_rows():
-  cfg = benchmark.BenchConfig(new_tokens=11)
+  cfg = benchmark.BenchConfig(new_tokens=11, bandwidth_gbps=30.0)
   ours = benchmark.make_row("jinfer", "float32", 1, cfg, compile_s=1.0, prefill_s=0.01,
                             decode_s=0.5, nbytes=10**9)
   theirs = benchmark.make_row("transformers", "float32", 1, cfg, compile_s=None, prefill_s=0.02,

@@ -66,17 +66,7 @@ def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
     want = ref_int8_matmul_w8a8(x, w.codes, w.scales)
   else:
     want = _einsum(x, w.dequantize())
-  bound = _activation_rounding_bound(x, w.dequantize()) + 1e-5 * np.abs(want) + 1e-5
-  assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
-
-
-def _activation_rounding_bound(x_BxTxK, w_NxK):
-  """Worst-case error of a kernel that rounds x to int16 codes per 64-input block (the VNNI
-  path): half a code step, max|x over the block| / 32639, times |w|, summed over k."""
-  x = np.asarray(x_BxTxK, np.float64)
-  blocks = x.reshape(*x.shape[:-1], -1, 64)
-  step = np.repeat(np.abs(blocks).max(-1) / cpu_kernels.MAX_ACTIVATION_CODE, 64, axis=-1)
-  return 0.5 * step @ np.abs(np.asarray(w_NxK, np.float64)).T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
 
 
 @pytest.mark.parametrize("x_shape,w_shape", [

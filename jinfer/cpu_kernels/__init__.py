@@ -28,9 +28,6 @@ from pallas_kernels.int8_matmul.reference import quantize_per_token
 
 MAX_ROWS = 16  # beyond this many x rows, XLA's GEMM beats a weight-streaming kernel
 ALIGN = 32  # K and every scale group must divide by this (the kernels' unrolled step)
-# With AVX-512 VNNI, int8/int4 kernels round x to int16 codes per block of 64 inputs (K % 64 == 0):
-# x ~= q * max|x_block| / MAX_ACTIVATION_CODE (kernels.cc, BlockCodes).
-MAX_ACTIVATION_CODE = 127 * 256 + 127
 
 
 def available() -> bool:

@@ -24,15 +24,11 @@
 #include <thread>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define JINFER_AVX512 1
-#if defined(__AVX512VNNI__)
-#define JINFER_VNNI 1
-#endif
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -330,197 +326,6 @@ void MatmulRows(const float* x, int64_t M, int64_t K, int64_t N, MakeRow make_ro
   }
 }
 
-#ifdef JINFER_VNNI
-// ---------------------------------------------------------------------------------------------
-// Integer dot products (AVX-512 VNNI) for int8 and int4 weights.
-//
-// The float path converts every weight to float32, which caps it near one weight per cycle per
-// core: below what memory delivers for 1-byte weights. vpdpbusd multiplies 64 unsigned bytes
-// by 64 signed bytes into 16 int32 lanes (4 products each) in one instruction, so weights stay
-// integers. The activations become int16 codes, x ~= q * scale with one scale per 64 inputs (a
-// block), and q is split into a high and a low byte: two vpdpbusd per 64 weights give the exact
-// integer dot of the codes, which is scaled once per block. 16-bit codes per block keep the
-// error within 1e-5 of the block's largest |x|, far below the weights' own rounding (bfloat16
-// activations keep 8 bits).
-//
-// vpdpbusd needs one unsigned operand. int4 codes are unsigned, so q = 256 * hi + lo with hi and
-// lo signed bytes. int8 codes are signed, so q + 32768 = 256 * hi + lo with hi and lo unsigned;
-// starting the high-byte sums at -128 * sum(w) (per lane, from a third vpdpbusd per weight
-// vector, shared by all x rows) subtracts the 32768 exactly.
-constexpr int64_t kBlock = 64;               // inputs per activation scale: one 512-bit vector
-constexpr float kMaxCode = 127 * 256 + 127;  // largest |q| whose two bytes fit either split
-
-// x[M, K] as int16 codes per 64-input block, in the byte order the weight rows load.
-struct BlockCodes {
-  int64_t K;
-  std::vector<uint8_t> hi, lo;  // [M, K] the two bytes of each code (signed or unsigned split)
-  std::vector<float> scales;    // [M, K / 64]
-
-  // permute[p]: the input (within its block) at byte position p, or nullptr for input order.
-  BlockCodes(const float* x, int64_t M, int64_t K, bool unsigned_split, const int8_t* permute)
-      : K(K), hi(M * K), lo(M * K), scales(M * K / kBlock) {
-    alignas(64) float block[kBlock];
-    const __m512i bias = _mm512_set1_epi32(unsigned_split ? 32768 : 128);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t b = 0; b < K / kBlock; ++b) {
-        const float* xb = x + m * K + b * kBlock;
-        for (int p = 0; p < kBlock; ++p) block[p] = xb[permute == nullptr ? p : permute[p]];
-        __m512 v[4], max_abs = _mm512_setzero_ps();
-        for (int i = 0; i < 4; ++i) {
-          v[i] = _mm512_load_ps(block + 16 * i);
-          max_abs = _mm512_max_ps(max_abs, _mm512_abs_ps(v[i]));
-        }
-        const float largest = _mm512_reduce_max_ps(max_abs);
-        scales[m * (K / kBlock) + b] = largest / kMaxCode;
-        const __m512 inverse = _mm512_set1_ps(largest > 0 ? kMaxCode / largest : 0.0f);
-        for (int i = 0; i < 4; ++i) {
-          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));  // round to even
-          // unsigned: q + 32768 = 256 * hi + lo; signed: hi = round(q / 256), lo = q - 256 * hi.
-          const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, bias), 8);
-          const __m512i l = unsigned_split ? _mm512_and_si512(q, _mm512_set1_epi32(0xFF))
-                                           : _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8));
-          const int64_t at = m * K + b * kBlock + 16 * i;
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(&hi[at]), _mm512_cvtepi32_epi8(h));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(&lo[at]), _mm512_cvtepi32_epi8(l));
-        }
-      }
-    }
-  }
-};
-
-// int8 weight rows, in input order; activations use the unsigned split.
-struct Int8VnniRow {
-  const int8_t* w;
-  static constexpr bool kUnsignedCodes = true;
-  static constexpr __mmask16 kSecondHalfLanes = 0xFF00;  // lanes 8-15 hold inputs 32-63
-  const void* Address(int64_t k) const { return w + k; }
-  __m512i Load64(int64_t k) const { return _mm512_loadu_si512(w + k); }
-  // Per lane -128 * (sum of its 4 weights): the start that removes the codes' 32768 offset.
-  static __m512i Start(__m512i w) {
-    const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), w);
-    return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
-  }
-  static __m512i Dot(__m512i acc, __m512i w, __m512i codes) {
-    return _mm512_dpbusd_epi32(acc, codes, w);
-  }
-};
-
-// int4 weight rows: 64 inputs are 32 bytes, two 32-input blocks of 16 bytes with the even
-// input in the low nibble. Low nibbles then high nibbles give 64 unsigned codes in the order
-// [block 0 even, block 1 even, block 0 odd, block 1 odd] (kInt4Order); signed activation split.
-struct Int4VnniRow {
-  const uint8_t* w;
-  static constexpr bool kUnsignedCodes = false;
-  static constexpr __mmask16 kSecondHalfLanes = 0xF0F0;  // lanes holding block 1
-  const void* Address(int64_t k) const { return w + k / 2; }
-  __m512i Load64(int64_t k) const {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, nibble)),
-                              _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble), 1);
-  }
-  static __m512i Start(__m512i) { return _mm512_setzero_si512(); }
-  static __m512i Dot(__m512i acc, __m512i w, __m512i codes) {
-    return _mm512_dpbusd_epi32(acc, w, codes);
-  }
-};
-
-struct Int4Order {
-  int8_t at[kBlock];
-  Int4Order() {
-    for (int p = 0; p < kBlock; ++p) at[p] = (p / 16 % 2) * 32 + (p % 16) * 2 + p / 32;
-  }
-};
-const Int4Order kInt4Order;
-
-// One weight row's scales per group of `group` inputs (a multiple of 32), or none (nullptr).
-struct GroupScales {
-  const float* s;
-  int64_t group;
-  // Lane scales of the 64 inputs at k: first-half lanes from k's group, the rest from k + 32's.
-  template <typename Row>
-  __m512 At(int64_t k) const {
-    return _mm512_mask_blend_ps(Row::kSecondHalfLanes, _mm512_set1_ps(s[k / group]),
-                                _mm512_set1_ps(s[(k + 32) / group]));
-  }
-};
-
-
-// out[i][j] = sum_k x[m0 + i, k] * w_j[k] (* group scale) for MT rows of x and NT weight rows.
-template <int MT, int NT, typename Row>
-inline void VnniTile(const BlockCodes& x, int64_t m0, const Row* rows, const GroupScales* gs,
-                     float out[][NT]) {
-  const int64_t K = x.K;
-  __m512 acc[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += kBlock) {
-    __m512i w[NT], start[NT];
-    __m512 w_scale[NT];
-    for (int j = 0; j < NT; ++j) {
-      PrefetchAhead(rows[j], k);
-      w[j] = rows[j].Load64(k);
-      start[j] = Row::Start(w[j]);
-      if (gs[j].s != nullptr) w_scale[j] = gs[j].template At<Row>(k);
-    }
-    for (int i = 0; i < MT; ++i) {
-      const int64_t at = (m0 + i) * K + k;
-      const __m512i hi = _mm512_loadu_si512(&x.hi[at]), lo = _mm512_loadu_si512(&x.lo[at]);
-      const __m512 x_scale = _mm512_set1_ps(x.scales[at / kBlock]);
-      for (int j = 0; j < NT; ++j) {
-        const __m512i high = Row::Dot(start[j], w[j], hi);
-        const __m512i q = Row::Dot(_mm512_slli_epi32(high, 8), w[j], lo);  // exact int dots
-        const __m512 scale = gs[j].s == nullptr ? x_scale : _mm512_mul_ps(x_scale, w_scale[j]);
-        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), scale, acc[i][j]);
-      }
-    }
-  }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
-}
-
-// y[m, n] = row_scale[n] * sum_k x[m, k] * w_n[k] (* group scales) for rows n in [n0, n1).
-template <typename MakeRow>
-void VnniMatmulRows(const BlockCodes& x, int64_t M, int64_t N, MakeRow make_row,
-                    const float* group_scales, int64_t group, const float* row_scales, float* y,
-                    int64_t n0, int64_t n1) {
-  using Row = decltype(make_row(n0));
-  const int64_t groups_per_row = x.K / group;
-  auto scales_of = [&](int64_t n) {
-    return GroupScales{group_scales == nullptr ? nullptr : group_scales + n * groups_per_row,
-                       group};
-  };
-  auto store = [&](int64_t m, int64_t n, float value) {
-    y[m * N + n] = value * (row_scales == nullptr ? 1.0f : row_scales[n]);
-  };
-  if (M == 1) {  // one x row against four weight rows
-    for (; n0 + 4 <= n1; n0 += 4) {
-      const Row rows[4] = {make_row(n0), make_row(n0 + 1), make_row(n0 + 2), make_row(n0 + 3)};
-      const GroupScales gs[4] = {scales_of(n0), scales_of(n0 + 1), scales_of(n0 + 2),
-                                 scales_of(n0 + 3)};
-      float out[1][4];
-      VnniTile<1, 4>(x, 0, rows, gs, out);
-      for (int j = 0; j < 4; ++j) store(0, n0 + j, out[0][j]);
-    }
-  }
-  for (int64_t n = n0; n < n1; ++n) {  // up to four x rows against one weight row
-    const Row row = make_row(n);
-    const GroupScales gs = scales_of(n);
-    for (int64_t m = 0; m < M; m += kRowTile) {
-      float out[kRowTile][1];
-      const int64_t mt = std::min<int64_t>(kRowTile, M - m);
-      switch (mt) {
-        case 4: VnniTile<4, 1>(x, m, &row, &gs, out); break;
-        case 3: VnniTile<3, 1>(x, m, &row, &gs, out); break;
-        case 2: VnniTile<2, 1>(x, m, &row, &gs, out); break;
-        default: VnniTile<1, 1>(x, m, &row, &gs, out); break;
-      }
-      for (int64_t i = 0; i < mt; ++i) store(m + i, n, out[i][0]);
-    }
-  }
-}
-#endif  // JINFER_VNNI
-
 ffi::Error CheckShapes(int64_t M, int64_t K, int64_t x_k, int64_t y_m, int64_t y_n, int64_t N) {
   if (x_k != K || y_m != M || y_n != N)
     return ffi::Error::InvalidArgument("jinfer cpu matmul: x, w and y shapes do not agree");
@@ -558,16 +363,6 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int8_t* wp = codes.typed_data();
   const float* sp = reinterpret_cast<const float*>(scales.untyped_data());
   float* yp = y->typed_data();
-#ifdef JINFER_VNNI
-  if (K % kBlock == 0) {
-    const BlockCodes xq(xp, M, K, /*unsigned_split=*/true, /*permute=*/nullptr);
-    ParallelFor(pool, N, [&, wp, yp](int64_t n0, int64_t n1) {
-      VnniMatmulRows(xq, M, N, [=](int64_t n) { return Int8VnniRow{wp + n * K}; },
-                     per_group ? sp : nullptr, group, per_group ? nullptr : sp, yp, n0, n1);
-    });
-    return ffi::Error::Success();
-  }
-#endif
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
     MatmulRows(xp, M, K, N, [=](int64_t n) { return Int8Row{wp + n * K}; }, group,
                per_group ? sp : nullptr, per_group ? nullptr : sp, yp, n0, n1);
@@ -591,25 +386,6 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   // Plain locals: ParallelFor returns only after every claimed chunk is done.
   std::vector<float> shuffled(M * K), group_sums(M * G, 0.0f);
-#ifdef JINFER_VNNI
-  if (K % kBlock == 0) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) group_sums[m * G + k / group] += xp[m * K + k];
-    const BlockCodes xq(xp, M, K, /*unsigned_split=*/false, kInt4Order.at);
-    const uint8_t* wp = codes.typed_data();
-    const float* sp = scales.typed_data();
-    const float* op = offsets.typed_data();
-    float* yp = y->typed_data();
-    ParallelFor(pool, N, [&, wp, sp, op, yp](int64_t n0, int64_t n1) {
-      VnniMatmulRows(xq, M, N, [=](int64_t n) { return Int4VnniRow{wp + n * (K / 2)}; }, sp,
-                     group, nullptr, yp, n0, n1);
-      for (int64_t n = n0; n < n1; ++n)  // + offset[n, g] * sum of x over group g
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t g = 0; g < G; ++g) yp[m * N + n] += op[n * G + g] * group_sums[m * G + g];
-    });
-    return ffi::Error::Success();
-  }
-#endif
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t block = k & ~int64_t{31}, j = k & 31;
