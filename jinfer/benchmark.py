@@ -43,9 +43,10 @@ PROMPT_TEXT = (
 
 KNOWN_PEERS = ("transformers", "llama_cpp")
 DTYPES = ("float32", "bfloat16")
-# Quantized formats, each run with float32 activations: weight modes of jinfer.quant.weights,
-# and "int8kv", float32 weights over an int8 KV cache.
-QUANT_FORMATS = ("int8", "w8a8", "int4", "int8kv")
+# Quantized formats, each run with float32 activations: weight modes of jinfer.quant.weights
+# (the "-emb8" ones also quantize the embedding table / LM head to int8, as llama.cpp's files
+# do), and "int8kv", float32 weights over an int8 KV cache.
+QUANT_FORMATS = ("int8", "w8a8", "int4", "int8-emb8", "int4-emb8", "int8kv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +236,8 @@ def model_variant(model, name: str):
   model = cast_model(model, "float32")
   if name == "int8kv":
     return dataclasses.replace(model, kv_cache_dtype="int8")
-  return model.quantize(name)
+  mode, _, embeddings = name.partition("-")
+  return model.quantize(mode, embeddings=embeddings == "emb8")
 
 
 def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print) -> list[Row]:

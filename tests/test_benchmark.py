@@ -77,12 +77,15 @@ def test_quantized_formats_rows_and_perplexity(tiny_model):
                             quantize=benchmark.QUANT_FORMATS)
   results = benchmark.run_benchmark(tiny_model, cfg, peers=["none"], log=lambda _: None)
   rows = {r["dtype"]: r for r in results["rows"]}
-  assert list(rows) == ["float32", "int8", "w8a8", "int4", "int8kv"]
+  assert list(rows) == ["float32", "int8", "w8a8", "int4", "int8-emb8", "int4-emb8", "int8kv"]
   for name, row in rows.items():
     _check_row(row, "jinfer", 1, name)
-  # Projections dominate the tiny model's bytes; int8kv keeps float32 weights.
+  # Projections dominate the tiny model's bytes; int8kv keeps float32 weights; the -emb8
+  # formats also store the embedding table in int8.
   assert rows["int4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["float32"][
       "weight_bytes"] == rows["int8kv"]["weight_bytes"]
+  for mode in ("int8", "int4"):
+    assert rows[f"{mode}-emb8"]["weight_bytes"] < rows[mode]["weight_bytes"]
   results["perplexity"] = benchmark.bench_perplexity(
       tiny_model, ["float32", "int8", "int4", "int8kv"], log=lambda _: None,
       text="the quick brown fox jumps over the lazy dog " * 4)

@@ -69,6 +69,33 @@ def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
 
 
+def test_kernels_called_from_several_threads_at_once_stay_correct():
+  """The kernels share one set of spinning helper threads: a kernel that finds them busy runs
+  alone, and a helper that went to sleep between calls is woken. Results must not mix."""
+  import threading
+  import time
+  w = _normal(520, 192)  # rows split between threads, not a multiple of the 4-row tile
+  fn = jax.jit(lambda x: cpu_kernels.float_matmul(x, w, fallback=_wrong(x[..., :1] * w[:, 0])))
+  inputs = [_normal(1 + i % 3, 1, 192) for i in range(8)]
+  wants = [_einsum(x, w) for x in inputs]
+  failures = []
+
+  def run(i):
+    for step in range(15):
+      if step % 5 == 4:
+        time.sleep(0.002)  # longer than the helpers spin: they sleep and must be woken
+      got = fn(inputs[i])
+      if not np.allclose(got, wants[i], rtol=1e-5, atol=1e-4):
+        failures.append((i, step))
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not failures
+
+
 @pytest.mark.parametrize("x_shape,w_shape", [
     ((17, 1, 64), (32, 64)),  # more rows than MAX_ROWS (a prefill): XLA's GEMM
     ((2, 1, 48), (32, 48)),  # K not a multiple of 32
