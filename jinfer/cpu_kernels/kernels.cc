@@ -443,6 +443,36 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 // out[b, n, :] = softmax_s(q[b, n] . k[b, kv, s] / sqrt(H)) @ v[b, kv, :, :] over slots
 // s <= positions[b] (a contiguous cache keeps position p in slot p), kv = n / (N / K).
+// q . k over H inputs, and out += p * v: with AVX-512 16 lanes at a time when H divides by 16.
+template <typename Row>
+inline float Dot(const float* q, const Row& k, int64_t H) {
+#ifdef JINFER_AVX512
+  if (H % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t h = 0; h < H; h += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h), k.Load16(h), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float dot = 0.0f;
+  for (int64_t h = 0; h < H; ++h) dot += q[h] * k.At(h);
+  return dot;
+}
+
+template <typename Row>
+inline void AddScaled(float p, const Row& v, int64_t H, float* out) {
+#ifdef JINFER_AVX512
+  if (H % 16 == 0) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t h = 0; h < H; h += 16)
+      _mm512_storeu_ps(out + h, _mm512_fmadd_ps(pv, v.Load16(h), _mm512_loadu_ps(out + h)));
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < H; ++h) out[h] += p * v.At(h);
+}
+
+// out[b, n, :] = softmax_s(q[b, n] . k[b, kv, s] / sqrt(H)) @ v[b, kv, :, :] over slots
+// s <= positions[b] (a contiguous cache keeps position p in slot p), kv = n / (N / K).
 template <typename Row, typename Elem>
 void AttendOneHead(const float* q_GxH, const Elem* k_SxH, const Elem* v_SxH, int64_t groups,
                    int64_t visible, int64_t H, float* out_GxH, float* scores) {
@@ -452,20 +482,13 @@ void AttendOneHead(const float* q_GxH, const Elem* k_SxH, const Elem* v_SxH, int
     float* out = out_GxH + g * H;
     float max_score = -INFINITY;
     for (int64_t s = 0; s < visible; ++s) {
-      const Row k{k_SxH + s * H};
-      float dot = 0.0f;
-      for (int64_t h = 0; h < H; ++h) dot += q[h] * k.At(h);
-      scores[s] = dot * scale;
+      scores[s] = Dot(q, Row{k_SxH + s * H}, H) * scale;
       max_score = std::max(max_score, scores[s]);
     }
     float total = 0.0f;
     for (int64_t s = 0; s < visible; ++s) total += scores[s] = std::exp(scores[s] - max_score);
     for (int64_t h = 0; h < H; ++h) out[h] = 0.0f;
-    for (int64_t s = 0; s < visible; ++s) {
-      const Row v{v_SxH + s * H};
-      const float p = scores[s] / total;
-      for (int64_t h = 0; h < H; ++h) out[h] += p * v.At(h);
-    }
+    for (int64_t s = 0; s < visible; ++s) AddScaled(scores[s] / total, Row{v_SxH + s * H}, H, out);
   }
 }
 

@@ -33,13 +33,29 @@ class DecodeState:
   output_counts_BxV: jax.Array  # int32: times each token was generated (penalties)
 
 
-def _reported_log_probs(raw_BxV, processed_BxV, s: SamplingArrays) -> jax.Array:
-  """Per row, log-softmax of the raw logits or of the distribution actually sampled from."""
-  raw = jax.nn.log_softmax(raw_BxV.astype(jnp.float32), axis=-1)
+def _reported_log_probs(raw_BxV, processed_BxV, s: SamplingArrays, tokens_B: jax.Array,
+                        num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per row, under the raw logits' softmax or (s.processed_logprobs) the distribution actually
+  sampled from: the chosen token's log-probability [B], and the `num_top` most likely tokens'
+  log-probabilities and ids [B, num_top].
+
+  Normalizing with a logsumexp [B] instead of a [B, V] log-softmax saves a pass over the
+  vocabulary every step.
+  """
+  def log_probs(logits_BxV):
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    log_total_Bx1 = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+    chosen_B = jnp.take_along_axis(logits_BxV, tokens_B[:, None], axis=-1)[:, 0]
+    top_values_BxN, top_ids_BxN = jax.lax.top_k(logits_BxV, num_top)
+    return chosen_B - log_total_Bx1[:, 0], top_values_BxN - log_total_Bx1, top_ids_BxN
+
+  raw = log_probs(raw_BxV)
 
   def with_processed(_):
-    final = jax.nn.log_softmax(filtered_logits(processed_BxV, s), axis=-1)
-    return jnp.where(s.processed_logprobs[:, None], final, raw)
+    processed = log_probs(filtered_logits(processed_BxV, s))
+    pick = lambda p, r: jnp.where(
+        s.processed_logprobs.reshape((-1,) + (1,) * (p.ndim - 1)), p, r)
+    return jax.tree.map(pick, processed, raw)
 
   return jax.lax.cond(jnp.any(s.processed_logprobs), with_processed, lambda _: raw, None)
 
@@ -57,16 +73,15 @@ def _record(state: DecodeState, logits_BxV, sampling: SamplingArrays) -> DecodeS
                                  state.prompt_mask_BxV, state.num_generated_B,
                                  _recent_tokens(state, sampling.bad_prefix_BxWxR.shape[-1]))
   tokens_B = sample(processed_BxV, sampling, state.step)
-  log_probs_BxV = _reported_log_probs(logits_BxV, processed_BxV, sampling)
+  top_ids_BxLxN, top_logprobs_BxLxN = state.top_ids_BxLxN, state.top_logprobs_BxLxN
+  chosen_B, top_values_BxN, top_ids_BxN = _reported_log_probs(
+      logits_BxV, processed_BxV, sampling, tokens_B, top_ids_BxLxN.shape[-1])
   active_B = ~state.done_B
   column = state.step
   rows = jnp.arange(tokens_B.shape[0])
   tokens_BxL = state.tokens_BxL.at[:, column].set(jnp.where(active_B, tokens_B, PAD_TOKEN))
-  chosen_B = jnp.take_along_axis(log_probs_BxV, tokens_B[:, None], axis=-1)[:, 0]
   logprobs_BxL = state.logprobs_BxL.at[:, column].set(jnp.where(active_B, chosen_B, 0.0))
-  top_ids_BxLxN, top_logprobs_BxLxN = state.top_ids_BxLxN, state.top_logprobs_BxLxN
   if top_ids_BxLxN.shape[-1]:
-    top_values_BxN, top_ids_BxN = jax.lax.top_k(log_probs_BxV, top_ids_BxLxN.shape[-1])
     top_ids_BxLxN = top_ids_BxLxN.at[:, column].set(top_ids_BxN)
     top_logprobs_BxLxN = top_logprobs_BxLxN.at[:, column].set(top_values_BxN)
   num_generated_B = state.num_generated_B + active_B
