@@ -42,6 +42,27 @@ def test_logit_bias_and_allowed_token_ids():
                                          -np.inf])
 
 
+@pytest.mark.parametrize("params,processes", [
+    (SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, seed=3), False),
+    (SamplingParams(repetition_penalty=1.2), True),
+    (SamplingParams(presence_penalty=0.5), True),
+    (SamplingParams(min_tokens=2, max_tokens=4), True),
+    (SamplingParams(logit_bias={1: 1.0}), True),
+    (SamplingParams(allowed_token_ids=[1, 2]), True),
+])
+def test_processors_are_skipped_only_when_no_row_uses_one(params, processes):
+  """Decode steps skip the processors when no row of the batch uses one (sampling filters are
+  not processors); one row using one turns them on for the batch, leaving the others' unchanged."""
+  assert bool(_arrays([SamplingParams(), params]).processes_logits) == processes
+  logits = np.random.default_rng(0).standard_normal((2, V)).astype(np.float32)
+  counts = np.zeros((2, V), np.int32)
+  counts[:, 3] = 1
+  out = _process(logits, [SamplingParams(), params], counts=counts)
+  np.testing.assert_array_equal(out[0], logits[0])  # the plain row is untouched either way
+  if not processes:
+    np.testing.assert_array_equal(out[1], logits[1])
+
+
 def test_bad_word_mask_bans_the_last_token_after_its_prefix():
   s = SamplingArrays.from_params([SamplingParams()] * 2, [0, 0], [[], []], V,
                                  bad_word_ids=[[[3], [1, 2, 5]], [[4, 6]]])
