@@ -19,8 +19,21 @@ from jinfer.cpu_kernels import build
 from jinfer.models.attention import attention
 from jinfer.quant import weights as qw
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
-                                reason="jinfer CPU kernels unavailable on this machine")
+_SUPPORTED = (sys.platform == "linux" and os.uname().machine == "x86_64"
+              and build._compiler() is not None and os.environ.get(build.DISABLE_ENV) != "0")
+
+
+def test_kernels_build_where_supported():
+  """On x86-64 Linux with a C++ compiler the kernels must build: a broken kernels.cc would
+  otherwise skip every test below and leave decode on XLA's slower ops unnoticed."""
+  if not _SUPPORTED:
+    pytest.skip("no C++ compiler, not x86-64 Linux, or disabled by JINFER_CPU_KERNELS=0")
+  build.compiled_library()  # raises with the compiler's error if kernels.cc does not build
+  assert cpu_kernels.available()
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason="jinfer CPU kernels unavailable on this machine")
 
 RNG = np.random.default_rng(0)
 
@@ -42,6 +55,7 @@ def _lowered_text(fn, *args) -> str:
   return jax.jit(fn).lower(*args).as_text()
 
 
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 5, 16])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_float_matmul_matches_xla(rows, dtype):
@@ -55,6 +69,7 @@ def test_float_matmul_matches_xla(rows, dtype):
 @pytest.mark.parametrize("rows", [1, 4, 7])
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int8", 32), ("int4", 32),
                                              ("int4", 64), ("w8a8", None), ("w8a8", 64)])
+@needs_kernels
 def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
   w = qw.quantize(_normal(48, 128) + 0.25, mode, group_size)
   x = _normal(rows, 1, 128)
@@ -69,6 +84,7 @@ def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
 
 
+@needs_kernels
 def test_kernels_called_from_several_threads_at_once_stay_correct():
   """The kernels share one set of spinning helper threads: a kernel that finds them busy runs
   alone, and a helper that went to sleep between calls is woken. Results must not mix."""
@@ -100,6 +116,7 @@ def test_kernels_called_from_several_threads_at_once_stay_correct():
     ((17, 1, 64), (32, 64)),  # more rows than MAX_ROWS (a prefill): XLA's GEMM
     ((2, 1, 48), (32, 48)),  # K not a multiple of 32
 ])
+@needs_kernels
 def test_falls_back_to_xla_where_the_kernel_does_not_apply(x_shape, w_shape):
   x, w = _normal(*x_shape), _normal(*w_shape)
   fn = lambda x, w: cpu_kernels.float_matmul(x, w, fallback=lambda: _einsum(x, w) + 1.0)
@@ -107,6 +124,7 @@ def test_falls_back_to_xla_where_the_kernel_does_not_apply(x_shape, w_shape):
   np.testing.assert_allclose(jax.jit(fn)(x, w), _einsum(x, w) + 1.0, rtol=1e-6)
 
 
+@needs_kernels
 def test_int8_groups_not_divisible_by_32_fall_back():
   w = qw.quantize(_normal(16, 96), "int8", group_size=48)
   x = _normal(1, 1, 96)
@@ -114,6 +132,7 @@ def test_int8_groups_not_divisible_by_32_fall_back():
   np.testing.assert_allclose(qw.linear(x, w), _einsum(x, w.dequantize()), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_attention_matches_xla(dtype):
   batch, kv_heads, groups, slots, head_dim = 4, 2, 3, 40, 64
@@ -130,6 +149,7 @@ def test_decode_attention_matches_xla(dtype):
   np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
 
 
+@needs_kernels
 def test_long_context_attention_is_split_across_threads():
   # Enough cache to take the threaded path; positions beyond the cache are clamped to it.
   q, k, v = _normal(2, 6, 64), _normal(2, 3, 700, 64), _normal(2, 3, 700, 64)
@@ -139,6 +159,7 @@ def test_long_context_attention_is_split_across_threads():
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@needs_kernels
 def test_model_decode_equals_decode_without_kernels(tiny_model):
   """Greedy decode through the kernels gives the tokens XLA's own ops give (kernels off in a
   subprocess, since the choice is made when the kernels are first loaded)."""
@@ -173,6 +194,7 @@ def fresh_build(monkeypatch, tmp_path):
   assert build.load()
 
 
+@needs_kernels
 def test_no_compiler_disables_kernels_with_a_warning(fresh_build, monkeypatch, caplog):
   monkeypatch.setattr(build, "_compiler", lambda: None)
   with caplog.at_level(logging.WARNING):
@@ -180,6 +202,7 @@ def test_no_compiler_disables_kernels_with_a_warning(fresh_build, monkeypatch, c
   assert "kernels disabled (no C++ compiler found; install g++ or set CXX)" in caplog.text
 
 
+@needs_kernels
 def test_failed_compile_disables_kernels_with_the_compiler_error(fresh_build, monkeypatch, caplog,
                                                                  tmp_path):
   broken = tmp_path / "broken.cc"
@@ -191,6 +214,7 @@ def test_failed_compile_disables_kernels_with_the_compiler_error(fresh_build, mo
   assert not list(tmp_path.glob("cpu_kernels/*.so"))  # nothing half-built is left to load
 
 
+@needs_kernels
 def test_build_is_cached_per_source_and_machine(fresh_build, tmp_path):
   path = build.compiled_library()
   assert path == build.library_path(build._compiler()) and path.parent == tmp_path / "cpu_kernels"

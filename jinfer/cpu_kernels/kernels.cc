@@ -160,12 +160,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn, int64_t chunk = 0) {
 // cache misses in flight for a core to reach its share of memory bandwidth (int8 rows read at
 // 6 GB/s per core without this, 10 GB/s with it), so the kernels ask for the bytes
 // kPrefetchBytes ahead of each weight row they read; rows of a tile are contiguous in memory.
-constexpr int64_t kPrefetchBytes = JPF;
+constexpr int64_t kPrefetchBytes = 8192;
 
 template <typename Row>
 inline void PrefetchAhead(const Row& row, int64_t k) {
 #ifdef JINFER_AVX512
-  _mm_prefetch(static_cast<const char*>(row.Address(k)) + kPrefetchBytes, JHINT);
+  _mm_prefetch(static_cast<const char*>(row.Address(k)) + kPrefetchBytes, _MM_HINT_T0);
 #endif
 }
 
@@ -412,7 +412,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         for (int64_t g = 0; g < G; ++g) {
           __m512 lo_acc = _mm512_setzero_ps(), hi_acc = _mm512_setzero_ps();
           for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + kPrefetchBytes, JHINT);
+            _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + kPrefetchBytes, _MM_HINT_T0);
             const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
             const __m128i lo = _mm_and_si128(b, low_nibbles);
             const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
