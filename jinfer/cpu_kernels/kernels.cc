@@ -10,24 +10,30 @@
 // (scores, softmax and the weighted sum of values in one pass per KV head) in place of the
 // dozen small XLA ops and the per-step transposed copy of V that the XLA math compiles to.
 //
+// Reading at memory bandwidth takes both cores and enough loads in flight: rows are split into
+// one contiguous range per thread, run by helper threads that stay awake between the kernels of
+// a decode step (Helpers), and each weight row is prefetched ahead of use (PrefetchAhead).
+//
 // Built at first use by jinfer/cpu_kernels/build.py with -march=native. With AVX-512 the inner
 // loops use intrinsics; elsewhere plain loops the compiler vectorizes.
 // Preconditions (checked in Python): K and every group size are multiples of 32; int4 groups
 // hold whole 32-input blocks, whose 16 bytes store input pairs (2j low nibble, 2j+1 high).
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // _mm_prefetch, _mm_pause on any x86-64; AVX-512 intrinsics below
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
 #define JINFER_AVX512 1
 #endif
 
@@ -89,7 +95,7 @@ class Helpers {
   static void Call(void* context, int64_t c) { (*static_cast<Fn*>(context))(c); }
 
   static void Pause() {
-#ifdef JINFER_AVX512
+#if defined(__x86_64__)
     _mm_pause();
 #endif
   }
@@ -164,7 +170,7 @@ constexpr int64_t kPrefetchBytes = 8192;
 
 template <typename Row>
 inline void PrefetchAhead(const Row& row, int64_t k) {
-#ifdef JINFER_AVX512
+#if defined(__x86_64__)
   _mm_prefetch(static_cast<const char*>(row.Address(k)) + kPrefetchBytes, _MM_HINT_T0);
 #endif
 }
