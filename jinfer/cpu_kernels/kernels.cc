@@ -66,16 +66,16 @@ class Helpers {
   template <typename Fn>
   void Run(int64_t num_chunks, Fn& chunk) {
     std::unique_lock<std::mutex> owner(run_mutex_, std::try_to_lock);
-    if (count_ == 0 || num_chunks == 1 || !owner.owns_lock()) {
+    if (count_ == 0 || num_chunks == 1 || num_chunks > kMaxChunks || !owner.owns_lock()) {
       for (int64_t c = 0; c < num_chunks; ++c) chunk(c);  // the helpers serve another kernel
       return;
     }
     fn_.store(&Call<Fn>, std::memory_order_relaxed);
     context_.store(&chunk, std::memory_order_relaxed);
-    num_chunks_.store(num_chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t job = (claim_.load(std::memory_order_relaxed) >> 32) + 1;
-    claim_.store(job << 32);  // publishes the job (seq_cst: ordered before reading sleepers_)
+    const uint64_t job = ((claim_.load(std::memory_order_relaxed) >> 32) + 1) & 0xFFFFFFFF;
+    // Publishes the job (seq_cst: also ordered before reading sleepers_).
+    claim_.store(job << 32 | static_cast<uint64_t>(num_chunks) << 16);
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       wake_.notify_all();
@@ -86,6 +86,7 @@ class Helpers {
 
  private:
   using ChunkFn = void (*)(void* context, int64_t c);
+  static constexpr int64_t kMaxChunks = 0xFFFF;
 
   explicit Helpers(int64_t count) : count_(std::max<int64_t>(count, 0)) {
     for (int64_t i = 0; i < count_; ++i) std::thread([this] { Loop(); }).detach();
@@ -100,16 +101,16 @@ class Helpers {
 #endif
   }
 
-  // Claims chunks of job `job` until none is left. The claim word holds (job << 32 | next
-  // chunk), so a thread that arrives after its job ended can never claim a later job's chunk.
+  // Claims chunks of job `job` until none is left. The claim word holds (job << 32 | number of
+  // chunks << 16 | next chunk), so a claim is valid only for the job it names, whatever a late
+  // thread believes. The job's function is read after a valid claim: its caller then still
+  // waits for that chunk, so the function cannot have been replaced by a later job's.
   void Work(uint64_t job) {
-    const ChunkFn fn = fn_.load(std::memory_order_relaxed);
-    void* context = context_.load(std::memory_order_relaxed);
-    const uint64_t num_chunks = num_chunks_.load(std::memory_order_relaxed);
     uint64_t claim = claim_.load(std::memory_order_acquire);
-    while ((claim >> 32) == job && (claim & 0xFFFFFFFFu) < num_chunks) {
+    while ((claim >> 32) == job && (claim & 0xFFFF) < ((claim >> 16) & 0xFFFF)) {
       if (claim_.compare_exchange_weak(claim, claim + 1, std::memory_order_acq_rel)) {
-        fn(context, static_cast<int64_t>(claim & 0xFFFFFFFFu));
+        fn_.load(std::memory_order_relaxed)(context_.load(std::memory_order_relaxed),
+                                            static_cast<int64_t>(claim & 0xFFFF));
         done_.fetch_add(1, std::memory_order_release);
         claim = claim_.load(std::memory_order_acquire);
       }
@@ -140,7 +141,6 @@ class Helpers {
   std::mutex run_mutex_;  // one job at a time
   std::atomic<ChunkFn> fn_{nullptr};
   std::atomic<void*> context_{nullptr};
-  std::atomic<uint64_t> num_chunks_{0};
   std::atomic<uint64_t> claim_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int64_t> sleepers_{0};
