@@ -160,9 +160,9 @@ def roofline_bandwidth(requested_gbps: Optional[float]) -> tuple[float, str]:
     return requested_gbps, "--bandwidth_gbps"
   if jax.default_backend() != "cpu":
     from pallas_kernels.paged_attention.benchmark import peak_gbps_for  # pylint: disable=g-import-not-at-top
-    peak = peak_gbps_for(jax.devices()[0].device_kind)
-    if peak is not None:
-      return peak, f"{jax.devices()[0].device_kind} peak"
+    device_kind = jax.devices()[0].device_kind
+    if (peak := peak_gbps_for(device_kind)) is not None:
+      return peak, f"{device_kind} peak"
   return measured_read_gbps(), "numpy float32 GEMVs over 512 MB for 1 s, best of 3, this run"
 
 

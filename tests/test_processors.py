@@ -9,6 +9,7 @@ import pytest
 
 import jinfer
 from jinfer.decoding import loop
+from jinfer.decoding import sampling as sampling_lib
 from jinfer.decoding.generate import generate_with_stats
 from jinfer.decoding.sampling import (SamplingArrays, SamplingParams, bad_word_mask,
                                       filtered_logits, process_logits, sample)
@@ -57,10 +58,16 @@ def test_processors_are_skipped_only_when_no_row_uses_one(params, processes):
   logits = np.random.default_rng(0).standard_normal((2, V)).astype(np.float32)
   counts = np.zeros((2, V), np.int32)
   counts[:, 3] = 1
-  out = _process(logits, [SamplingParams(), params], counts=counts)
+  rows = [SamplingParams(), params]
+  out = _process(logits, rows, counts=counts, stop_ids=[[2], [2]])
   np.testing.assert_array_equal(out[0], logits[0])  # the plain row is untouched either way
-  if not processes:
-    np.testing.assert_array_equal(out[1], logits[1])
+  # Skipping never changes the result: it equals applying every processor unconditionally.
+  s = _arrays(rows, stop_ids=[[2], [2]])
+  always = sampling_lib._apply_processors(
+      jnp.asarray(logits), s, jnp.asarray(counts), jnp.zeros((2, V), bool),
+      jnp.zeros((2,), jnp.int32), jnp.full((2, s.bad_prefix_BxWxR.shape[-1]), -1, jnp.int32))
+  np.testing.assert_array_equal(out, np.asarray(always))
+  assert processes == (not np.array_equal(out[1], logits[1]))  # each case changes its row
 
 
 def test_bad_word_mask_bans_the_last_token_after_its_prefix():

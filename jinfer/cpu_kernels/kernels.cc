@@ -168,10 +168,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn, int64_t chunk = 0) {
 // kPrefetchBytes ahead of each weight row they read; rows of a tile are contiguous in memory.
 constexpr int64_t kPrefetchBytes = 8192;
 
-template <typename Row>
-inline void PrefetchAhead(const Row& row, int64_t k) {
+inline void PrefetchAhead(const void* weights) {
 #if defined(__x86_64__)
-  _mm_prefetch(static_cast<const char*>(row.Address(k)) + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(weights) + kPrefetchBytes, _MM_HINT_T0);
 #endif
 }
 
@@ -224,7 +223,7 @@ inline void AccumulateGroup(const float* x, int64_t ldx, const Row& row, int64_t
   __m512 even[MT], odd[MT];  // two chains per row hide the FMA latency
   for (int i = 0; i < MT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
   for (int64_t k = k0; k < k0 + len; k += 32) {
-    PrefetchAhead(row, k);
+    PrefetchAhead(row.Address(k));
     const __m512 w0 = row.Load16(k), w1 = row.Load16(k + 16);
     for (int i = 0; i < MT; ++i) {
       even[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), w0, even[i]);
@@ -276,7 +275,7 @@ inline void DotFourRows(const float* x, int64_t K, const Row* rows, int64_t grou
     for (int i = 0; i < 4; ++i) part[i] = _mm512_setzero_ps();
     for (int64_t k = g0; k < g0 + group; k += 16) {
       const __m512 xv = _mm512_loadu_ps(x + k);
-      for (int i = 0; i < 4; ++i) PrefetchAhead(rows[i], k);
+      for (int i = 0; i < 4; ++i) PrefetchAhead(rows[i].Address(k));
       for (int i = 0; i < 4; ++i) part[i] = _mm512_fmadd_ps(xv, rows[i].Load16(k), part[i]);
     }
     for (int i = 0; i < 4; ++i) {
@@ -418,7 +417,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         for (int64_t g = 0; g < G; ++g) {
           __m512 lo_acc = _mm512_setzero_ps(), hi_acc = _mm512_setzero_ps();
           for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + kPrefetchBytes, _MM_HINT_T0);
+            PrefetchAhead(row + k / 2);
             const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
             const __m128i lo = _mm_and_si128(b, low_nibbles);
             const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
@@ -447,8 +446,6 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// out[b, n, :] = softmax_s(q[b, n] . k[b, kv, s] / sqrt(H)) @ v[b, kv, :, :] over slots
-// s <= positions[b] (a contiguous cache keeps position p in slot p), kv = n / (N / K).
 // q . k over H inputs, and out += p * v: with AVX-512 16 lanes at a time when H divides by 16.
 template <typename Row>
 inline float Dot(const float* q, const Row& k, int64_t H) {

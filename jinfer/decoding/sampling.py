@@ -267,4 +267,3 @@ def sample(logits_BxV: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Arr
 
   # Sorting the vocabulary costs more than the argmax: skip it when every row is greedy.
   return jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)
-
