@@ -1,7 +1,7 @@
 r"""Decode throughput of jinfer and its peers, measured in one run on one machine.
 
-  python -m jinfer.benchmark --batch_sizes=1,8 --dtypes=float32,bfloat16 --peers=transformers
-  python -m jinfer.benchmark --batch_sizes=1 --dtypes=float32 --quantize=int8,w8a8,int4,int8kv \
+  jinfer benchmark --batch_sizes=1,8 --dtypes=float32,bfloat16 --peers=transformers
+  jinfer benchmark --batch_sizes=1 --dtypes=float32 --quantize=int8,w8a8,int4,int8kv \
       --perplexity --peers=none
 
 Prints the machine facts, a markdown table (one row per system, dtype and batch size) and the
@@ -12,21 +12,18 @@ summed over the batch, divided by the decode time; the best of `--repeats` timed
 one warm-up (compile) run is kept.
 
 The functions below take the model objects as arguments, so tests (and notebooks) can inject a
-tiny model; `main` only turns flags into calls.
+tiny model; `jinfer benchmark` (jinfer/cli/benchmark.py) only turns flags into calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
 
 # Fixed English text the benchmark prompt is cut from (repeated when more tokens are needed).
@@ -186,21 +183,20 @@ def make_row(system: str, dtype: str, batch: int, cfg: BenchConfig, *, compile_s
   return row
 
 
-def _check_config(cfg: BenchConfig) -> None:
-  """Rejects settings that would make the measurement meaningless."""
-  if cfg.new_tokens < 2:
-    raise ValueError(f"new_tokens must be >= 2 (decode starts after the first token), "
-                     f"got {cfg.new_tokens}.")
-  if cfg.repeats < 1:
-    raise ValueError(f"repeats must be >= 1, got {cfg.repeats}.")
-  if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
-    raise ValueError(f"batch_sizes must be positive integers, got {cfg.batch_sizes}.")
-  bad = [d for d in cfg.dtypes if d not in DTYPES]
-  if bad or not cfg.dtypes:
-    raise ValueError(f"dtypes must be among {DTYPES}, got {cfg.dtypes}.")
-  bad = [q for q in cfg.quantize if q not in QUANT_FORMATS]
-  if bad:
-    raise ValueError(f"quantize formats must be among {QUANT_FORMATS}, got {cfg.quantize}.")
+def check_config(cfg: BenchConfig, peers: Sequence[str] = ()) -> None:
+  """Rejects settings that would make the measurement meaningless, and unknown peers."""
+  from jinfer.validation import check_request  # pylint: disable=g-import-not-at-top
+  check_request(cfg.new_tokens >= 2, f"new_tokens must be >= 2 (decode starts after the first "
+                f"token), got {cfg.new_tokens}.")
+  check_request(cfg.repeats >= 1, f"repeats must be >= 1, got {cfg.repeats}.")
+  check_request(bool(cfg.batch_sizes) and min(cfg.batch_sizes) >= 1,
+                f"batch_sizes must be positive integers, got {cfg.batch_sizes}.")
+  check_request(bool(cfg.dtypes) and all(d in DTYPES for d in cfg.dtypes),
+                f"dtypes must be among {DTYPES}, got {cfg.dtypes}.")
+  check_request(all(q in QUANT_FORMATS for q in cfg.quantize),
+                f"quantize formats must be among {QUANT_FORMATS}, got {cfg.quantize}.")
+  unknown = [p for p in peers if p != "none" and p not in KNOWN_PEERS]
+  check_request(not unknown, f"unknown peers {unknown}; choose from {list(KNOWN_PEERS)} or 'none'.")
 
 
 # ----------------------------------------------------------------------------- jinfer
@@ -436,8 +432,7 @@ def run_peers(peers: Sequence[str], ctx: Optional[PeerContext], cfg: BenchConfig
   for name in peers:
     if name == "none":
       continue
-    if name not in PEERS:
-      raise ValueError(f"unknown peer {name!r}; choose from {sorted(PEERS)} or 'none'.")
+    check_config(cfg, [name])
     if ctx is None:
       skipped[name] = "no checkpoint path to give it (the model was passed in memory)."
       continue
@@ -510,7 +505,7 @@ def run_benchmark(model, cfg: BenchConfig, peers: Sequence[str] = ("transformers
 
   Keys: facts, config, rows (list of Row dicts), skipped ({peer: reason}), speedup (or None).
   """
-  _check_config(cfg)
+  check_config(cfg)
   facts = machine_facts()
   gbps, source = roofline_bandwidth(cfg.bandwidth_gbps)
   facts["roofline_bandwidth"] = f"{gbps:.1f} GB/s ({source})"
@@ -635,67 +630,3 @@ def report(results: dict[str, Any]) -> str:
     parts += ["", "perplexity on jinfer/data/alice_chapter1.txt (through the KV cache):",
               format_perplexity_table(results["perplexity"])]
   return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- command line
-
-_MODEL = flags.DEFINE_string(
-    "model", "smollm2-135m-instruct",
-    "Registry name, .gguf file, Hugging Face directory or jinfer Orbax checkpoint.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
-_DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "jinfer dtypes: float32 and/or bfloat16.")
-_ATTENTION_IMPL = flags.DEFINE_enum(
-    "attention_impl", "auto", ["auto", "xla", "pallas"],
-    "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; interpreted, "
-    "slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
-_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Prompt length in tokens.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per sequence.")
-_PEERS = flags.DEFINE_list(
-    "peers", ["transformers"], f"Peers to compare with: any of {list(KNOWN_PEERS)}, or 'none'.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is kept.")
-_BANDWIDTH_GBPS = flags.DEFINE_float(
-    "bandwidth_gbps", None, "Memory bandwidth for the batch-1 roofline; by default the device's "
-    "HBM peak on TPU/GPU and, on CPU, the read bandwidth measured at the start of the run.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
-_SPECULATIVE = flags.DEFINE_list(
-    "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")
-_BEAM_WIDTHS = flags.DEFINE_list("beam_widths", [],
-                                 "Also time beam search at these widths (e.g. 1,2,4,8).")
-_QUANTIZE = flags.DEFINE_list(
-    "quantize", [], f"Also measure these quantized formats (any of {list(QUANT_FORMATS)}).")
-_PERPLEXITY = flags.DEFINE_bool(
-    "perplexity", False, "Also measure the perplexity and parameter bytes of every format.")
-
-
-def main(argv):
-  del argv
-  import jinfer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
-  from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
-  cfg = BenchConfig(batch_sizes=tuple(int(b) for b in _BATCH_SIZES.value),
-                    dtypes=tuple(_DTYPES.value), prompt_tokens=_PROMPT_TOKENS.value,
-                    new_tokens=_NEW_TOKENS.value, repeats=_REPEATS.value,
-                    bandwidth_gbps=_BANDWIDTH_GBPS.value, quantize=tuple(_QUANTIZE.value))
-  _check_config(cfg)
-  model = jinfer.load_model(_MODEL.value, dtype="float32", attention_impl=_ATTENTION_IMPL.value)
-  kind, path = registry.resolve(_MODEL.value)
-  ctx = PeerContext(kind, str(path),
-                    tuple(build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
-  results = run_benchmark(model, cfg, _PEERS.value, ctx)
-  if _SPECULATIVE.value:
-    results["speculative"] = bench_speculative(
-        model, speculative_prompts(model.tokenizer, cfg.prompt_tokens), _SPECULATIVE.value,
-        cfg.new_tokens, cfg.repeats)
-  if _BEAM_WIDTHS.value:
-    results["beam_search"] = bench_beam_search(
-        model, ctx.prompt_ids, [int(w) for w in _BEAM_WIDTHS.value], cfg.new_tokens, cfg.repeats)
-  if _PERPLEXITY.value:
-    results["perplexity"] = bench_perplexity(model, cfg.dtypes + cfg.quantize)
-  print(report(results))
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_JSON_OUT.value}")
-
-
-if __name__ == "__main__":
-  app.run(main)

@@ -1,7 +1,5 @@
 """Exceptions raised by jinfer. Each message names the problem and the fix."""
 
-import numpy as np
-
 
 class JinferError(Exception):
   """Base class for every error jinfer raises on purpose."""
@@ -27,16 +25,9 @@ class InvalidRequestError(JinferError, ValueError):
   """A sampling parameter or prompt is out of range."""
 
 
-def check_request(ok: bool, message: str) -> None:
-  """Raises InvalidRequestError(message) unless `ok`: for validating request values."""
-  if not ok:
-    raise InvalidRequestError(message)
-
-
-def is_integer(x) -> bool:
-  """True for Python and numpy integers, not bools."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 class CacheFullError(JinferError):
   """The paged KV cache has fewer free pages than a request needs."""
+
+
+class ConfigError(JinferError, ValueError):
+  """A LlamaConfig field is out of range or inconsistent with another field."""

@@ -1,10 +1,4 @@
-"""Quality measures of a model: `perplexity` on a text.
-
-  python -m jinfer.evaluate --quantize=int8 --kv_cache_dtype=int8
-
-prints the perplexity of the model on the text kept in jinfer/data (Chapter I of Alice's
-Adventures in Wonderland, about 2.7k SmolLM2 tokens) or on --text_file.
-"""
+"""Quality measures of a model: `perplexity` on a text (command line: `jinfer evaluate`)."""
 
 from __future__ import annotations
 
@@ -19,7 +13,9 @@ import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
 from jinfer.decoding.generate import bucket
+from jinfer import validation
 from jinfer.errors import InvalidRequestError
+from jinfer.validation import check_request
 from jinfer.models import llama
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "alice_chapter1.txt"
@@ -53,14 +49,12 @@ def greedy_agreement(model, reference, text: Optional[str] = None, *,
 
 def score(model, ids: Sequence[int], chunk_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
   """(NLL of each token after the first [T-1], the model's argmax prediction there [T-1])."""
-  if len(ids) < 2:
-    raise InvalidRequestError(f"scoring needs at least 2 tokens; the text has {len(ids)}.")
-  if len(ids) > model.config.max_seq_len:
-    raise InvalidRequestError(
-        f"the text has {len(ids)} tokens, more than the model's context of "
-        f"{model.config.max_seq_len}; split it and average the chunks' log-likelihoods.")
-  if chunk_size < 1:
-    raise InvalidRequestError(f"chunk_size must be at least 1; got {chunk_size}.")
+  ids = validation.token_ids("token_ids", ids, model.config.vocab_size)
+  check_request(len(ids) >= 2, f"scoring needs at least 2 tokens; the text has {len(ids)}.")
+  check_request(len(ids) <= model.config.max_seq_len,
+                f"the text has {len(ids)} tokens, more than the model's context of "
+                f"{model.config.max_seq_len}; split it and average the chunks' log-likelihoods.")
+  chunk_size = validation.integer("chunk_size", chunk_size, low=1)
   chunk_size = min(chunk_size, bucket(len(ids) - 1, minimum=1))
   cache_len = -(-len(ids) // chunk_size) * chunk_size  # attention reads the whole cache: no slack
   # Distinct buffers per layer and for K and V, so each chunk can update the cache in place.
@@ -79,9 +73,27 @@ def score(model, ids: Sequence[int], chunk_size: int = 512) -> tuple[np.ndarray,
 
 
 def _token_ids(model, text, token_ids) -> list[int]:
+  check_request(text is None or token_ids is None, "give text or token_ids, not both.")
   if token_ids is not None:
-    return [int(t) for t in token_ids]
-  return model.tokenizer.encode(default_text() if text is None else text)
+    return validation.token_ids("token_ids", token_ids, model.config.vocab_size)
+  return model.tokenizer.encode(default_text() if text is None else validation.text("text", text))
+
+
+def read_text_file(path) -> str:
+  """The UTF-8 text of `path`, refused when missing, empty or binary (before any model loads)."""
+  path = Path(path)
+  check_request(path.is_file(), f"text file {str(path)!r} does not exist or is not a file; "
+                "pass the path of a UTF-8 text file.")
+  data = path.read_bytes()
+  check_request(b"\0" not in data, f"text file {str(path)!r} is binary (it holds NUL bytes); "
+                "pass a UTF-8 text file.")
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise InvalidRequestError(f"text file {str(path)!r} is not UTF-8 text (byte {e.start}: "
+                              f"{e.reason}); convert it to UTF-8.") from None
+  check_request(bool(text.strip()), f"text file {str(path)!r} is empty; give it some text.")
+  return text
 
 
 def _padded(x: np.ndarray, size: int) -> np.ndarray:
@@ -96,25 +108,3 @@ def _score_chunk(params, tokens_C, targets_C, start, cache, *, config):
   log_probs_CxV = jax.nn.log_softmax(logits_1xCxV[0].astype(jnp.float32), axis=-1)
   nll_C = -jnp.take_along_axis(log_probs_CxV, targets_C[:, None], axis=-1)[:, 0]
   return nll_C, jnp.argmax(log_probs_CxV, axis=-1), cache
-
-
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import jinfer  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  model = jinfer.load_model(f.model, dtype=f.dtype, quantize=f.quantize or None,
-                            kv_cache_dtype=f.kv_cache_dtype)
-  text = Path(f.text_file).read_text(encoding="utf-8") if f.text_file else None
-  print(f"perplexity: {perplexity(model, text, chunk_size=f.chunk_size):.4f}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("model", "smollm2-135m-instruct", "Model name or path.")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations.")
-  flags.DEFINE_enum("quantize", "", ["", "int8", "int4"], "Quantize the weights.")
-  flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache format.")
-  flags.DEFINE_string("text_file", None, "Text to measure (default: jinfer/data's text).")
-  flags.DEFINE_integer("chunk_size", 512, "Tokens per forward pass through the cache.")
-  app.run(main)

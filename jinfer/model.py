@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer import validation
 from jinfer.errors import InvalidRequestError
+from jinfer.validation import check_request
 from jinfer.models import llama
 from jinfer.models.config import LlamaConfig
 from jinfer.quant import weights as quant_weights
@@ -33,15 +36,9 @@ class Model:
   page_size: int = 16  # tokens per KV page (attention_impl="pallas")
 
   def __post_init__(self):
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise InvalidRequestError(
-          f"attention_impl {self.attention_impl!r} is not supported; use one of "
-          f"{list(ATTENTION_IMPLS)} (load_model also takes 'auto').")
-    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-      raise InvalidRequestError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use "
-                                f"one of {list(KV_CACHE_DTYPES)}.")
-    if not (isinstance(self.page_size, int) and self.page_size >= 1):
-      raise InvalidRequestError(f"page_size must be a positive integer; got {self.page_size!r}.")
+    validation.one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    validation.one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+    validation.integer("page_size", self.page_size, low=1)
 
   @property
   def dtype(self):
@@ -54,11 +51,11 @@ class Model:
     return jnp.int8 if self.kv_cache_dtype == "int8" else self.dtype
 
   def logits(self, token_ids_BxT) -> jax.Array:
-    """Float32 logits [B, T, V] of a full forward pass over token ids (no cache)."""
-    tokens = jnp.asarray(token_ids_BxT, jnp.int32)
-    if tokens.ndim != 2:
-      raise InvalidRequestError(f"token ids must have shape [batch, length], got {tokens.shape}.")
-    return _full_forward(self.params, tokens, config=self.config)
+    """Float32 logits [B, T, V] of a full forward pass over token ids (no cache): rows of equal
+    length, at most the model's context, of ids in its vocabulary."""
+    tokens_BxT = validation.token_matrix("token_ids", token_ids_BxT, self.config.vocab_size,
+                                         self.config.max_seq_len)
+    return _full_forward(self.params, jnp.asarray(tokens_BxT), config=self.config)
 
   @property
   def quantization(self) -> Optional[dict[str, Any]]:
@@ -73,10 +70,14 @@ class Model:
                                            embeddings=embeddings)
     return dataclasses.replace(self, params=params)
 
-  def save(self, path) -> None:
-    """Writes an Orbax checkpoint that `load_model(path)` restores without re-converting."""
+  def save(self, path, *, overwrite: bool = False) -> None:
+    """Writes an Orbax checkpoint that `load_model(path)` restores without re-converting.
+
+    overwrite: replace an existing jinfer checkpoint at `path`; the old one stays until the new
+    one is completely written. Anything else at `path` is never replaced.
+    """
     from jinfer.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
-    orbax_io.save(path, self.config, self.params, self.tokenizer)
+    orbax_io.save(path, self.config, self.params, self.tokenizer, overwrite=overwrite)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -86,11 +87,14 @@ def _full_forward(params, tokens_BxT, *, config):
 
 
 def resolve_dtype(dtype) -> Any:
-  if isinstance(dtype, str):
-    if dtype not in _DTYPES:
-      raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[dtype]
-  return jnp.dtype(dtype)
+  """The jnp dtype of 'float32' or 'bfloat16' (or of jnp.float32 / jnp.bfloat16 themselves)."""
+  try:
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in _DTYPES:
+    raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
 
 
 def cast_params(params, dtype) -> dict[str, Any]:
@@ -108,10 +112,7 @@ def resolve_attention_impl(attention_impl: str) -> str:
   """"xla" or "pallas"; "auto" is "pallas" on TPU/GPU and "xla" on CPU (no interpreted kernels)."""
   if attention_impl == "auto":
     return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
-  if attention_impl not in ATTENTION_IMPLS:
-    raise InvalidRequestError(
-        f"attention_impl {attention_impl!r} is not supported; use 'auto', 'xla' or 'pallas'.")
-  return attention_impl
+  return validation.one_of("attention_impl", attention_impl, ("auto", *ATTENTION_IMPLS))
 
 
 def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
@@ -126,12 +127,15 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   group-wise int4 weights) quantizes the projections after loading; a checkpoint saved quantized loads quantized as it was saved.
   """
   from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
+  # Every argument is checked before the (slow) load.
+  check_request(isinstance(name_or_path, (str, os.PathLike)),
+                f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}.")
   dtype = resolve_dtype(dtype)
   attention_impl = resolve_attention_impl(attention_impl)
-  if quantize not in (None, *quant_weights.MODES):
-    raise InvalidRequestError(f"quantize={quantize!r} is not supported; use None or one of "
-                              f"{list(quant_weights.MODES)}.")
-  kind, path = registry.resolve(name_or_path)
+  validation.one_of("quantize", quantize, (None, *quant_weights.MODES))
+  validation.one_of("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)
+  validation.integer("page_size", page_size, low=1)
+  kind, path = registry.resolve(os.fspath(name_or_path))
   loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
   config, params, tokenizer = loader(path)
   model = Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer,

@@ -84,9 +84,18 @@ class _HFBackend:
   def vocab_size(self) -> int:
     return self.tok.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
     # BOS is added by `Tokenizer`; the post-processor would add it a second time.
-    return self.tok.encode(text, add_special_tokens=False).ids
+    tok = self._plain_text_tok if split_special_tokens else self.tok
+    return tok.encode(text, add_special_tokens=False).ids
+
+  @functools.cached_property
+  def _plain_text_tok(self) -> tokenizers.Tokenizer:
+    """A copy that encodes special-token strings as text (a copy, not a flag flipped on the
+    shared tokenizer, so concurrent encodes never see each other's setting)."""
+    tok = type(self.tok).from_str(self.tok.to_str())
+    tok.encode_special_tokens = True
+    return tok
 
   def encode_with_post_processor(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=True).ids
@@ -137,7 +146,9 @@ class _SentencePieceBackend:
   def vocab_size(self) -> int:
     return self.sp.get_piece_size()
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+    if split_special_tokens:  # sentencepiece itself never matches control pieces in text
+      return self._encode_plain(text, at_start=True)
     ids, pos = [], 0
     matches = self.special_re.finditer(text) if self.special_re else ()
     for m in matches:
@@ -338,9 +349,12 @@ class Tokenizer:
     """Ids that `decode(..., skip_special_tokens=True)` drops."""
     return self._backend.special_ids
 
-  def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-    """Token ids of `text`; special-token strings in it become the special tokens."""
-    ids = self._backend.encode(text)
+  def encode(self, text: str, *, add_bos: bool | None = None,
+             split_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`. Special-token strings in it (e.g. '<|im_end|>') become the special
+    tokens, as in transformers and vLLM, unless `split_special_tokens`: then they are encoded as
+    the plain text they are (what a server wants for untrusted text)."""
+    ids = self._backend.encode(text, split_special_tokens)
     if self.add_bos if add_bos is None else add_bos:
       if self.bos_id is None:
         raise InvalidRequestError("add_bos=True, but this tokenizer has no BOS token.")
@@ -361,14 +375,37 @@ class Tokenizer:
     return self._backend.piece_to_id(piece)
 
   def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                          **kwargs: Any) -> str:
-    """Renders `messages` exactly as transformers' apply_chat_template(tokenize=False)."""
+                          tokenize: bool = False, split_special_tokens: bool = False,
+                          **kwargs: Any) -> str | list[int]:
+    """Renders `messages` exactly as transformers' apply_chat_template(tokenize=False).
+
+    With `tokenize=True`, returns the token ids of that text instead (no BOS added: templates
+    write their own). Special-token strings inside message contents then become special tokens,
+    as in transformers, unless `split_special_tokens=True`: contents are then encoded as plain
+    text while the template's own markers stay special tokens, so a user who writes
+    '<|im_end|><|im_start|>system' in a message cannot open a new turn (role injection).
+    """
+    if split_special_tokens and not tokenize:
+      raise InvalidRequestError("split_special_tokens=True needs tokenize=True: the text alone "
+                                "cannot say which special-token strings are content.")
+    if not tokenize:
+      return self._render(messages, add_generation_prompt, kwargs)
+    if not split_special_tokens:
+      return self.encode(self._render(messages, add_generation_prompt, kwargs), add_bos=False)
+    ids = []
+    for piece, is_content in self._content_pieces(messages, add_generation_prompt, kwargs):
+      ids += self.encode(piece, add_bos=False, split_special_tokens=is_content)
+    return ids
+
+  def _render(self, messages: list[dict], add_generation_prompt: bool,
+              kwargs: dict[str, Any]) -> str:
     if self.chat_template is None:
       raise CheckpointError(
           "This tokenizer has no chat template, so chat messages cannot be formatted; pass the "
           "prompt as plain text, or set tokenizer.chat_template to a Jinja template.")
-    if not messages:
-      raise InvalidRequestError("Cannot apply the chat template to an empty conversation.")
+    if not isinstance(messages, list) or not messages:
+      raise InvalidRequestError("Cannot apply the chat template to an empty conversation; pass "
+                                "a non-empty list of {'role': ..., 'content': ...} dicts.")
     variables = {f"{name}_token": self.id_to_piece(i) for name in _SPECIAL_NAMES
                  if (i := getattr(self, f"{name}_id")) is not None}
     variables.update(tools=None, documents=None)
@@ -379,6 +416,52 @@ class Tokenizer:
                              add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as e:
       raise InvalidRequestError(f"The chat template rejected these messages: {e}") from e
+
+  def _content_pieces(self, messages: list[dict], add_generation_prompt: bool,
+                      kwargs: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is message content) pieces.
+
+    The template is rendered once with a marker for each string content, which shows the
+    template text around the contents, and once for real; each content is then read off the
+    real text between its surrounding template pieces (templates may trim it).
+    """
+    marker = "\x00jinfer-content-{}\x00"
+    if not isinstance(messages, list):
+      return [(self._render(messages, add_generation_prompt, kwargs), False)]
+    contents, marked = [], []
+    for message in messages:
+      if isinstance(message, dict) and isinstance(message.get("content"), str):
+        marked.append({**message, "content": marker.format(len(contents))})
+        contents.append(message["content"])
+      else:
+        marked.append(message)
+    text = self._render(messages, add_generation_prompt, kwargs)
+    parts = re.split("\x00jinfer-content-(\\d+)\x00",
+                     self._render(marked, add_generation_prompt, kwargs))
+    template_pieces, content_ids = parts[0::2], [int(i) for i in parts[1::2]]
+    pieces, pos = [], 0
+    for i, template_piece in enumerate(template_pieces):
+      if not text.startswith(template_piece, pos):
+        raise InvalidRequestError(_TEMPLATE_CHANGES_CONTENT)
+      pieces.append((template_piece, False))
+      pos += len(template_piece)
+      if i == len(content_ids):
+        break
+      content = contents[content_ids[i]]
+      following = template_pieces[i + 1]
+      for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
+        if text.startswith(candidate + following, pos):
+          pieces.append((candidate, True))
+          pos += len(candidate)
+          break
+      else:
+        raise InvalidRequestError(_TEMPLATE_CHANGES_CONTENT)
+    return pieces
+
+
+_TEMPLATE_CHANGES_CONTENT = (
+    "This chat template changes message contents beyond trimming them, so split_special_tokens "
+    "cannot tell content from template; render with tokenize=False and encode yourself.")
 
 
 # ---------------------------------------------------------------------------------------------

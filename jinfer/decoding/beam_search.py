@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.decoding.generate import (_COMPILED, GenerationStats, Prompt, _encode_prompts,
+from jinfer.decoding.generate import (_COMPILED, GenerationStats, Prompt, encode_prompts,
                                       _stop_ids, bucket, decode_step_fn, prefill_logits)
 from jinfer.decoding.loop import PAD_TOKEN, TokensToLogits
-from jinfer.errors import InvalidRequestError, check_request, is_integer
+from jinfer import validation
+from jinfer.validation import check_request
 
 # transformers' "impossible" score. Added rather than -inf so that sums stay finite and ordered.
 NEG = -1.0e9
@@ -58,24 +59,21 @@ class BeamSearchParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
-    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-    check_request(is_integer(self.beam_width) and self.beam_width >= 1,
-           f"beam_width must be an integer >= 1, got {self.beam_width!r}.")
-    check_request(is_integer(self.max_tokens) and self.max_tokens >= 1,
-           f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
-    check_request(isinstance(self.length_penalty, (int, float, np.floating))
-           and not isinstance(self.length_penalty, bool) and np.isfinite(self.length_penalty),
-           f"length_penalty must be a finite number (1.0 averages log-probabilities per token, "
-           f"0.0 sums them), got {self.length_penalty!r}.")
-    check_request(any(self.early_stopping is mode for mode in (True, False))
-           or self.early_stopping == "never",
-           f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
-    check_request(is_integer(self.num_return_sequences)
-           and 1 <= self.num_return_sequences <= self.beam_width,
-           f"num_return_sequences must be an integer in [1, beam_width={self.beam_width}], got "
-           f"{self.num_return_sequences!r}; raise beam_width or return fewer sequences.")
-    check_request(isinstance(self.ignore_eos, bool),
-           f"ignore_eos must be a bool, got {self.ignore_eos!r}.")
+    v = validation
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_("stop_token_ids", tuple(v.token_ids(
+        "stop_token_ids", () if self.stop_token_ids is None else self.stop_token_ids,
+        allow_empty=True)))
+    set_("beam_width", v.integer("beam_width", self.beam_width, low=1))
+    set_("max_tokens", v.integer("max_tokens", self.max_tokens, low=1))
+    set_("length_penalty", v.number(
+        "length_penalty", self.length_penalty,
+        hint=" (1.0 averages log-probabilities per token, 0.0 sums them)"))
+    v.one_of("early_stopping", self.early_stopping, (True, False, "never"))
+    set_("num_return_sequences", v.integer(
+        "num_return_sequences", self.num_return_sequences, low=1, high=self.beam_width,
+        hint=" (beam_width; raise beam_width or return fewer sequences)"))
+    set_("ignore_eos", v.boolean("ignore_eos", self.ignore_eos))
 
 
 @dataclasses.dataclass
@@ -280,19 +278,14 @@ def beam_search(model, prompts: Sequence[Prompt],
 
   Returns, per prompt, its `params.num_return_sequences` best hypotheses, best first.
   """
-  if not isinstance(params, BeamSearchParams):
-    raise InvalidRequestError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
-  prompt_ids = _encode_prompts(model, prompts)
+  check_request(isinstance(params, BeamSearchParams),
+                f"params must be a BeamSearchParams, got {type(params).__name__}.")
+  prompt_ids = encode_prompts(model, prompts)
   for i, ids in enumerate(prompt_ids):
-    if len(ids) + params.max_tokens > model.config.max_seq_len:
-      raise InvalidRequestError(
-          f"prompt {i} has {len(ids)} tokens and asks for max_tokens={params.max_tokens}, more "
-          f"than the model's context of {model.config.max_seq_len}; shorten the prompt or "
-          "max_tokens.")
+    validation.fits_context(i, len(ids), params.max_tokens, model.config.max_seq_len)
+  validation.token_ids("stop_token_ids", params.stop_token_ids, model.config.vocab_size,
+                       allow_empty=True)
   stop_ids = sorted(set(_stop_ids(model, params)))
-  bad = [t for t in stop_ids if not 0 <= t < model.config.vocab_size]
-  check_request(not bad, f"stop_token_ids {bad[:5]} are outside the vocabulary "
-                  f"[0, {model.config.vocab_size}).")
   tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids)
   capacity = bucket(params.max_tokens)
   stops = bucket(len(stop_ids), minimum=1)  # bucketed: more candidates never change the result

@@ -30,10 +30,9 @@ from jinfer.cache.page_allocator import PageAllocator, page_table_array, pages_f
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.decoding import loop
 from jinfer.decoding.sampling import SamplingArrays, SamplingParams
-from jinfer.errors import InvalidRequestError
 from jinfer.models import llama
-
-Prompt = Union[str, Sequence[int]]
+from jinfer.validation import Prompt, check_request
+from jinfer import validation
 
 
 @dataclasses.dataclass
@@ -254,31 +253,26 @@ class _PagePlan:
   copy_dst_C: np.ndarray
 
 
-def _encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[int]]:
-  if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-    raise InvalidRequestError("prompts must be a list of prompts (strings or token-id lists); "
-                              "wrap a single prompt in a list.")
-  ids = [model.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+def encode_prompts(model, prompts: Sequence[Prompt]) -> list[list[int]]:
+  """Token ids of each prompt, checked (see `validation.prompts`)."""
+  checked = validation.prompts(prompts, model.config.vocab_size)
+  ids = [model.tokenizer.encode(p) if isinstance(p, str) else p for p in checked]
   for i, prompt_ids in enumerate(ids):
-    if not prompt_ids:
-      raise InvalidRequestError(f"prompt {i} is empty; give at least one token.")
-    bad = [t for t in prompt_ids if not 0 <= t < model.config.vocab_size]
-    if bad:
-      raise InvalidRequestError(
-          f"prompt {i} has token ids outside [0, {model.config.vocab_size}): {bad[:5]}.")
+    check_request(bool(prompt_ids), f"prompt {i} encodes to no tokens; give some text.")
   return ids
 
 
-def _per_prompt_params(params, count: int) -> list[SamplingParams]:
+def per_prompt_params(params, count: int) -> list[SamplingParams]:
   if params is None:
     return [SamplingParams()] * count
   if isinstance(params, SamplingParams):
     return [params] * count
-  params = list(params)
-  if len(params) != count:
-    raise InvalidRequestError(f"got {len(params)} SamplingParams for {count} prompts; "
-                              "pass one for all prompts or exactly one per prompt.")
-  return params
+  check_request(isinstance(params, Sequence) and all(isinstance(p, SamplingParams) for p in params),
+                "params must be a SamplingParams or a list of them (one per prompt), got "
+                f"{type(params).__name__}; build one with jinfer.SamplingParams(**fields).")
+  check_request(len(params) == count, f"got {len(params)} SamplingParams for {count} prompts; "
+                "pass one for all prompts or exactly one per prompt.")
+  return list(params)
 
 
 def _stop_ids(model, p: SamplingParams) -> list[int]:
@@ -294,14 +288,11 @@ def _bad_word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
 
 
 def _prepare(model, prompts, params) -> _Batch:
-  prompt_ids = _encode_prompts(model, prompts)
-  params = _per_prompt_params(params, len(prompt_ids))
+  prompt_ids = encode_prompts(model, prompts)
+  params = per_prompt_params(params, len(prompt_ids))
   for i, (ids, p) in enumerate(zip(prompt_ids, params)):
     p.check_vocab(model.config.vocab_size)
-    if len(ids) + p.max_tokens > model.config.max_seq_len:
-      raise InvalidRequestError(
-          f"prompt {i} has {len(ids)} tokens and asks for max_tokens={p.max_tokens}, more than "
-          f"the model's context of {model.config.max_seq_len}; shorten the prompt or max_tokens.")
+    validation.fits_context(i, len(ids), p.max_tokens, model.config.max_seq_len)
   rows = [_Row(i, j, p, _stop_ids(model, p)) for i, p in enumerate(params) for j in range(p.n)]
   num_prompts, batch = bucket(len(prompt_ids), minimum=1), bucket(len(rows), minimum=1)
   tokens_PxT = np.zeros((num_prompts, _prompt_bucket(model, max(map(len, prompt_ids)))), np.int32)
@@ -517,10 +508,15 @@ def generate_stream(model, prompts: Sequence[Prompt],
   The same compiled loop as `generate` runs `steps_per_chunk` steps per call, so streaming costs
   one host round trip per chunk, not per token. Text never ends in half a UTF-8 character, and
   text that may be the start of a stop string is held back until it is known not to be.
-  `StreamDelta.index` is the sequence's position in what `generate` would return.
+  `StreamDelta.index` is the sequence's position in what `generate` would return. The request
+  is checked when this is called, before the first delta is asked for.
   """
+  b = _prepare(model, prompts, params)  # here, so a bad request raises before iteration
+  return _stream(model, b, steps_per_chunk)
+
+
+def _stream(model, b: _Batch, steps_per_chunk: int) -> Iterator[StreamDelta]:
   stats = GenerationStats()
-  b = _prepare(model, prompts, params)
   texts = [_RowText(model.tokenizer, r.params.stop) for r in b.rows]
   sent = [0] * len(b.rows)
   finished = [False] * len(b.rows)

@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.errors import check_request, is_integer
+from jinfer import validation
 
 
 LOGPROBS_MODES = ("raw", "processed")
+MAX_LOGPROBS = 20
+# OpenAI's range; an infinite bias would turn the sampling softmax into NaNs.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,10 @@ class SamplingParams:
   tokens' positive logits divided by it, negative ones multiplied), `frequency_penalty` and
   `presence_penalty` (OpenAI's: minus penalty x count, and minus penalty if present, counting
   generated tokens), then temperature, `top_k` (0 or -1: off), `top_p`, `min_p`.
-  `seed` makes a row's samples reproducible whatever else is in the batch (`None`: a fresh seed).
+  `seed` (any integer; seeds equal modulo 2**64 are the same seed) makes a row's samples
+  reproducible whatever else is in the batch (`None`: a fresh seed). `logit_bias` values are
+  finite numbers in [-100, 100] (OpenAI's range: +100 all but forces a token, -100 all but bans
+  it; `allowed_token_ids` and `bad_words` force and ban exactly).
   `n` samples share the prompt's prefill. `logprobs=N` also returns the N most likely tokens per
   step; `logprobs_mode` 'raw' reports the model's distribution, 'processed' the one sampled from
   (after every processor and temperature/top-k/top-p/min-p).
@@ -60,42 +66,47 @@ class SamplingParams:
   logprobs_mode: str = "raw"
 
   def __post_init__(self):
-    stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-    object.__setattr__(self, "stop", stop)
-    bad_words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words or ())
-    object.__setattr__(self, "bad_words", bad_words)
-    check_request(all(isinstance(w, str) and w.strip() for w in bad_words),
-           f"bad_words must be non-blank strings, got {bad_words!r}.")
-    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-    check_request(is_integer(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
-    check_request(is_integer(self.max_tokens) and self.max_tokens >= 1,
-           f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
-    check_request(is_integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
-           f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
-           f"got {self.min_tokens!r}.")
-    check_request(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-    check_request(self.top_k >= 0 or self.top_k == -1,
-           f"top_k must be >= 1, or 0 / -1 to disable it, got {self.top_k}.")
-    check_request(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
-    check_request(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}.")
-    check_request(self.repetition_penalty > 0,
-           f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
+    v = validation
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_("n", v.integer("n", self.n, low=1))
+    set_("max_tokens", v.integer("max_tokens", self.max_tokens, low=1))
+    set_("min_tokens", v.integer("min_tokens", self.min_tokens, low=0, high=self.max_tokens,
+                                 hint=" (max_tokens)"))
+    set_("temperature", v.number("temperature", self.temperature, low=0, hint=" (0 is greedy)"))
+    set_("top_k", v.integer("top_k", self.top_k, low=-1, hint=" (0 or -1: all tokens)"))
+    set_("top_p", v.number("top_p", self.top_p, low=0, high=1, low_open=True))
+    set_("min_p", v.number("min_p", self.min_p, low=0, high=1))
+    set_("repetition_penalty", v.number("repetition_penalty", self.repetition_penalty, low=0,
+                                        low_open=True, hint=" (1 is off)"))
     for name in ("frequency_penalty", "presence_penalty"):
-      check_request(-2 <= getattr(self, name) <= 2, f"{name} must be in [-2, 2], got {getattr(self, name)}.")
-    check_request(self.seed is None or is_integer(self.seed), f"seed must be an integer or None, got {self.seed!r}.")
-    check_request(all(isinstance(x, str) and x for x in stop), f"stop must be non-empty strings, got {stop!r}.")
-    check_request(self.logprobs is None or (is_integer(self.logprobs) and 0 <= self.logprobs <= 20),
-           f"logprobs must be an integer in [0, 20] or None, got {self.logprobs!r}.")
-    check_request(self.logprobs_mode in LOGPROBS_MODES,
-           f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}.")
-    check_request(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
-           "allowed_token_ids must not be empty; pass None to allow every token.")
+      set_(name, v.number(name, getattr(self, name), low=-2, high=2))
+    if self.logit_bias is not None:
+      set_("logit_bias", {
+          v.integer("logit_bias key", token, low=0): v.number(
+              f"logit_bias[{token!r}]", bias, low=-MAX_LOGIT_BIAS, high=MAX_LOGIT_BIAS,
+              hint=" (as OpenAI's API; use allowed_token_ids or bad_words to force or ban "
+                   "tokens)")
+          for token, bias in v.mapping("logit_bias", self.logit_bias).items()})
+    if self.allowed_token_ids is not None:
+      set_("allowed_token_ids", tuple(v.token_ids("allowed_token_ids", self.allowed_token_ids)))
+    set_("bad_words", v.strings("bad_words", () if self.bad_words is None else self.bad_words))
+    set_("seed", None if self.seed is None else v.integer("seed", self.seed, hint=" or None"))
+    set_("stop", v.strings("stop", () if self.stop is None else self.stop, allow_blank=True))
+    set_("stop_token_ids", tuple(v.token_ids(
+        "stop_token_ids", () if self.stop_token_ids is None else self.stop_token_ids,
+        allow_empty=True)))
+    set_("ignore_eos", v.boolean("ignore_eos", self.ignore_eos))
+    if self.logprobs is not None:
+      set_("logprobs", v.integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS,
+                                 hint=" or None"))
+    v.one_of("logprobs_mode", self.logprobs_mode, LOGPROBS_MODES)
 
   def check_vocab(self, vocab_size: int) -> None:
     """Token ids in the request must exist in the model's vocabulary."""
-    ids = list(self.stop_token_ids) + list(self.logit_bias or ()) + list(self.allowed_token_ids or ())
-    bad = [t for t in ids if not 0 <= int(t) < vocab_size]
-    check_request(not bad, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")
+    for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+      ids = list(getattr(self, name) or ())
+      validation.token_ids(name if name != "logit_bias" else "logit_bias keys", ids, vocab_size,
+                           allow_empty=True)
 
 
 @flax.struct.dataclass
@@ -130,7 +141,7 @@ class SamplingArrays:
     """`stop_ids[b]` end row b; `sample_index[b]` tells apart the n samples of one prompt;
     `bad_word_ids[b]` are row b's bad words as token-id sequences."""
     column = lambda name, dtype: jnp.asarray([getattr(p, name) for p in params], dtype)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    keys = seed_keys(seeds)
     if sample_index is not None and any(sample_index):
       index = jnp.asarray(sample_index, jnp.uint32)
       keys = jnp.where(index > 0, jax.vmap(jax.random.fold_in)(keys, index), keys)
@@ -149,6 +160,16 @@ class SamplingArrays:
         rng_keys=keys,
         processes_logits=jnp.asarray(any(map(_uses_processors, params))
                                      or any(map(bool, bad_word_ids or ()))))
+
+
+def seed_keys(seeds: Sequence[int]) -> jax.Array:
+  """[B] typed PRNG keys of any Python integers, taken modulo 2**64: key(low 32 bits), with the
+  high 32 bits folded in when they are not zero (so seeds below 2**32 give key(seed))."""
+  folded = [int(seed) % 2**64 for seed in seeds]
+  low = jnp.asarray([seed & 0xFFFFFFFF for seed in folded], jnp.uint32)
+  high = jnp.asarray([seed >> 32 for seed in folded], jnp.uint32)
+  keys = jax.vmap(jax.random.key)(low)
+  return jnp.where(high > 0, jax.vmap(jax.random.fold_in)(keys, high), keys)
 
 
 def _uses_processors(p: SamplingParams) -> bool:

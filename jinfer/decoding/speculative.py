@@ -32,10 +32,11 @@ import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
 from jinfer.decoding.generate import (_COMPILED, Completion, GenerationStats, _finish,
-                                      _per_prompt_params, _prepare, _RowText, prefill_logits)
+                                      per_prompt_params, _prepare, _RowText, prefill_logits)
 from jinfer.decoding.loop import PAD_TOKEN
 from jinfer.decoding.sampling import SamplingArrays, filtered_logits, sample
-from jinfer.errors import check_request, is_integer
+from jinfer import validation
+from jinfer.validation import check_request, is_integer
 from jinfer.models import llama
 
 METHODS = ("draft_model", "self", "ngram")
@@ -425,8 +426,8 @@ def check_supported(params_list, spec: SpeculativeConfig) -> None:
 def generate_with_stats(model, prompts, params, spec: SpeculativeConfig):
   """`generate` with speculative decoding; stats include acceptance and target forwards."""
   stats = GenerationStats()
-  count = 1 if isinstance(prompts, str) else len(prompts)
-  check_supported(_per_prompt_params(params, count), spec)
+  count = len(validation.prompts(prompts, model.config.vocab_size))
+  check_supported(per_prompt_params(params, count), spec)
   draft_params, draft_config = _draft_params(model, spec)
   b = _prepare(model, prompts, params)
   static = _Static(spec.method, spec.num_draft_tokens, spec.ngram_max, spec.ngram_min,

@@ -1,0 +1,87 @@
+"""`jinfer benchmark`: decode throughput of jinfer and its peers, measured in one run.
+
+  jinfer benchmark --batch_sizes=1,8 --dtypes=float32,bfloat16 --peers=transformers
+  jinfer benchmark --batch_sizes=1 --dtypes=float32 --quantize=int8,w8a8,int4,int8kv \
+      --perplexity --peers=none
+
+What is measured and how: jinfer/benchmark.py.
+"""
+
+import json
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  from jinfer.benchmark import DTYPES, KNOWN_PEERS, QUANT_FORMATS  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string(
+      "model", "smollm2-135m-instruct",
+      "Registry name, .gguf file, Hugging Face directory or jinfer Orbax checkpoint.")
+  flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
+  flags.DEFINE_list("dtypes", list(DTYPES), "jinfer dtypes: float32 and/or bfloat16.")
+  flags.DEFINE_enum(
+      "attention_impl", "auto", ["auto", "xla", "pallas"],
+      "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; "
+      "interpreted, slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
+  flags.DEFINE_integer("prompt_tokens", 64, "Prompt length in tokens.", lower_bound=1)
+  flags.DEFINE_integer("new_tokens", 128, "Tokens generated per sequence.", lower_bound=2)
+  flags.DEFINE_list(
+      "peers", ["transformers"], f"Peers to compare with: any of {list(KNOWN_PEERS)}, or 'none'.")
+  flags.DEFINE_integer("repeats", 2, "Timed runs after the warm-up; the best is kept.",
+                       lower_bound=1)
+  flags.DEFINE_float(
+      "bandwidth_gbps", None, "Memory bandwidth for the batch-1 roofline; by default the "
+      "device's HBM peak on TPU/GPU and, on CPU, the read bandwidth measured at the start of "
+      "the run.", lower_bound=0)
+  flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+  flags.DEFINE_list(
+      "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")
+  flags.DEFINE_list("beam_widths", [], "Also time beam search at these widths (e.g. 1,2,4,8).")
+  flags.DEFINE_list(
+      "quantize", [], f"Also measure these quantized formats (any of {list(QUANT_FORMATS)}).")
+  flags.DEFINE_bool(
+      "perplexity", False, "Also measure the perplexity and parameter bytes of every format.")
+
+
+def _integers(flag: str) -> tuple[int, ...]:
+  from jinfer.errors import InvalidRequestError  # pylint: disable=g-import-not-at-top
+  values = FLAGS[flag].value
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise InvalidRequestError(f"--{flag} takes comma-separated integers, e.g. --{flag}=1,8; "
+                              f"got {','.join(values)!r}.") from None
+
+
+def main(argv) -> None:
+  del argv
+  import jinfer  # pylint: disable=g-import-not-at-top
+  from jinfer import benchmark  # pylint: disable=g-import-not-at-top
+  from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
+  cfg = benchmark.BenchConfig(
+      batch_sizes=_integers("batch_sizes"), dtypes=tuple(FLAGS.dtypes),
+      prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
+      bandwidth_gbps=FLAGS.bandwidth_gbps, quantize=tuple(FLAGS.quantize))
+  beam_widths = _integers("beam_widths")
+  benchmark.check_config(cfg, FLAGS.peers)
+  model = jinfer.load_model(FLAGS.model, dtype="float32", attention_impl=FLAGS.attention_impl)
+  kind, path = registry.resolve(FLAGS.model)
+  ctx = benchmark.PeerContext(
+      kind, str(path), tuple(benchmark.build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
+  results = benchmark.run_benchmark(model, cfg, FLAGS.peers, ctx)
+  if FLAGS.speculative:
+    results["speculative"] = benchmark.bench_speculative(
+        model, benchmark.speculative_prompts(model.tokenizer, cfg.prompt_tokens),
+        FLAGS.speculative, cfg.new_tokens, cfg.repeats)
+  if beam_widths:
+    results["beam_search"] = benchmark.bench_beam_search(
+        model, ctx.prompt_ids, beam_widths, cfg.new_tokens, cfg.repeats)
+  if FLAGS.perplexity:
+    results["perplexity"] = benchmark.bench_perplexity(model, cfg.dtypes + cfg.quantize)
+  print(benchmark.report(results))
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {FLAGS.json_out}")
