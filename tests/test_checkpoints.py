@@ -609,7 +609,6 @@ def test_orbax_round_trip(tmp_path, tiny_checkpoint, dtype, on_device):
   config, params, tokenizer = tiny_checkpoint
   config = dataclasses.replace(config, rope_scaling=RopeScaling(kind="llama3", factor=8.0))
   params = jax.tree.map(lambda x: x.astype(dtype), params)
-  params["layers"][0]["w_up_int8"] = np.arange(-64, 64, dtype=np.int8).reshape(8, 16)
   to_save = jax.tree.map(jax.numpy.asarray, params) if on_device else params  # as Model.save does
   saved = orbax_io.save(tmp_path / "ckpt", config, to_save, tokenizer)
   assert orbax_io.is_orbax_checkpoint(saved)
@@ -695,3 +694,346 @@ def test_load_model_rejects_an_unknown_dtype():
   import jinfer
   with pytest.raises(jinfer.InvalidRequestError, match="float16.*bfloat16"):
     jinfer.load_model("smollm2-135m-instruct", dtype="float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving over an existing path.
+
+
+def tiny_jinfer_model(tiny_checkpoint):
+  import jinfer
+  config, params, tokenizer = tiny_checkpoint
+  return jinfer.Model(config, params, tokenizer)
+
+
+def test_model_save_overwrite_replaces_a_checkpoint(tmp_path, tiny_checkpoint):
+  model = tiny_jinfer_model(tiny_checkpoint)
+  target = tmp_path / "out" / "ckpt"
+  model.save(target)
+  with pytest.raises(CheckpointError, match="already exists.*overwrite=True"):
+    model.save(target)
+  halved = dataclasses.replace(model, params=jax.tree.map(lambda x: x / 2, model.params))
+  halved.save(target, overwrite=True)
+  np.testing.assert_array_equal(orbax_io.load(target)[1]["embed"], model.params["embed"] / 2)
+  assert [p.name for p in target.parent.iterdir()] == ["ckpt"]  # no temp or old dirs left
+
+
+@pytest.mark.parametrize("kind", ["user-dir", "file", "empty-dir"])
+def test_overwrite_refuses_what_is_not_a_jinfer_checkpoint(tmp_path, tiny_checkpoint, kind):
+  model = tiny_jinfer_model(tiny_checkpoint)
+  target = tmp_path / "home"
+  if kind == "file":
+    target.write_text("precious")
+  else:
+    target.mkdir()
+    if kind == "user-dir":
+      (target / "notes.txt").write_text("precious")
+  before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(CheckpointError, match="is not a jinfer checkpoint") as e:
+    model.save(target, overwrite=True)
+  assert str(target) in str(e.value) and "overwrite=True" in str(e.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside it
+  if kind == "user-dir":
+    assert (target / "notes.txt").read_text() == "precious"
+  elif kind == "file":
+    assert target.read_text() == "precious"
+
+
+def test_failed_swap_puts_the_old_checkpoint_back(tmp_path, tiny_checkpoint, monkeypatch):
+  config, params, tokenizer = tiny_checkpoint
+  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
+  rename = orbax_io.os.rename
+
+  def failing_rename(src, dst):
+    if Path(src).name.startswith(".ckpt.tmp-"):  # the new checkpoint moving into place
+      raise OSError("simulated failure while swapping in the new checkpoint")
+    rename(src, dst)
+
+  monkeypatch.setattr(orbax_io.os, "rename", failing_rename)
+  with pytest.raises(OSError, match="simulated"):
+    orbax_io.save(target, config, jax.tree.map(lambda x: x / 2, params), tokenizer,
+                  overwrite=True)
+  monkeypatch.undo()
+  np.testing.assert_array_equal(orbax_io.load(target)[1]["embed"], params["embed"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "t.gguf"]
+
+
+def test_save_refuses_a_tokenizer_it_cannot_store_before_writing(tmp_path, tiny_checkpoint):
+  import jinfer
+
+  class NoSaveTokenizer:
+    eos_ids = frozenset({2})
+
+  config, params, _ = tiny_checkpoint
+  with pytest.raises(CheckpointError, match=r"NoSaveTokenizer\) has no save\(directory\)"):
+    jinfer.Model(config, params, NoSaveTokenizer()).save(tmp_path / "out" / "ckpt")
+  assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged Orbax checkpoints.
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_orbax_params_metadata_missing_or_damaged(tmp_path, tiny_checkpoint, damage):
+  import jinfer
+  config, params, tokenizer = tiny_checkpoint
+  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
+  meta = target / orbax_io.PARAMS_DIR / orbax_io.PARAMS_METADATA
+  if damage == "delete":
+    meta.unlink()
+  else:
+    meta.write_bytes(meta.read_bytes()[:100])
+  for load in (orbax_io.load, lambda p: jinfer.load_model(str(p))):
+    with pytest.raises(CheckpointError) as e:
+      load(target)
+    assert str(meta) in str(e.value)
+    assert ("is missing" if damage == "delete" else "is unreadable") in str(e.value)
+    assert "save the checkpoint again" in str(e.value)
+
+
+_LOAD_IN_SUBPROCESS = """
+import sys
+from jinfer.checkpoints import orbax_io
+from jinfer.errors import CheckpointError
+try:
+  orbax_io.load(sys.argv[1])
+except CheckpointError as e:
+  print("CheckpointError:", e)
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_corrupt_orbax_data_file_is_one_clean_error(tmp_path, tiny_checkpoint, damage):
+  import subprocess
+  import sys
+  config, params, tokenizer = tiny_checkpoint
+  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
+  # The largest file holds the array data (several arrays: reads are in flight when one fails).
+  data = max((p for p in (target / "params").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  raw = data.read_bytes()
+  data.write_bytes(raw[:len(raw) // 2] if damage == "truncate"
+                   else bytes(b ^ 0x5A for b in raw))
+  proc = subprocess.run([sys.executable, "-c", _LOAD_IN_SUBPROCESS, str(target)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith("CheckpointError: param '"), proc.stdout
+  assert "truncated or corrupt" in proc.stdout and "Save the checkpoint again" in proc.stdout
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, (
+      proc.stderr[-3000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs that do not match the weights.
+
+
+def test_expected_shapes_are_what_init_params_builds():
+  from jinfer.checkpoints import validation
+  for cfg in (config_lib.TINY_GQA, TINY, dataclasses.replace(TINY, qkv_bias=True),
+              dataclasses.replace(TINY, tie_embeddings=True, n_kv_heads=1, head_dim=8)):
+    built = jax.tree.map(lambda x: tuple(x.shape), llama.init_params(cfg, jax.random.key(0)))
+    assert validation.expected_shapes(cfg) == built, cfg
+    validation.check_params(llama.init_params(cfg, jax.random.key(0)), cfg, "test")
+
+
+def test_check_params_compares_quantized_weights_by_logical_shape():
+  from jinfer.checkpoints import validation
+  from jinfer.quant import weights as quant_weights
+  cfg = config_lib.TINY_GQA
+  params = llama.init_params(cfg, jax.random.key(0))
+  for mode in ("int8", "int4"):
+    quantized = quant_weights.quantize_params(params, mode, embeddings=True)
+    validation.check_params(quantized, cfg, "test")
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.w_gate_up' has shape \(256, 64\), "
+                                              r"but the config \(d_ff=64, d_model=64\)"):
+      validation.check_params(quantized, dataclasses.replace(cfg, d_ff=64), "test")
+  bad = quant_weights.quantize_params(params, "int8")
+  w = bad["layers"][1]["wo"]
+  bad["layers"][1]["wo"] = w.replace(scales=w.scales[:10])
+  with pytest.raises(CheckpointError, match=r"quantized param 'layers\.1\.wo' has scales \(10,\)"):
+    validation.check_params(bad, cfg, "test")
+
+
+@pytest.mark.parametrize("edit,words", [
+    (dict(vocab_size=300), ["'embed'", "(256, 64)", "vocab_size=300", "(300, 64)"]),
+    (dict(d_model=32), ["'embed'", "d_model=32", "(256, 32)"]),
+    (dict(n_layers=3), ["2 layers", "n_layers=3"]),
+    (dict(n_layers=1), ["2 layers", "n_layers=1"]),
+    (dict(n_heads=8), ["'layers.0.w_qkv'", "n_heads=8", "(128, 64)", "(192, 64)"]),
+    (dict(n_kv_heads=4), ["'layers.0.w_qkv'", "n_kv_heads=4"]),
+    (dict(head_dim=8), ["'layers.0.w_qkv'", "head_dim=8"]),
+    (dict(d_ff=64), ["'layers.0.w_gate_up'", "d_ff=64"]),
+    (dict(tie_embeddings=True), ["'lm_head'", "tie_embeddings=True"]),
+    (dict(qkv_bias=True), ["'layers.0.b_qkv' is missing", "qkv_bias=True"]),
+])
+def test_edited_orbax_config_is_named_before_reading_data(tmp_path, tiny_checkpoint, monkeypatch,
+                                                          edit, words):
+  config, params, tokenizer = tiny_checkpoint
+  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
+  config_file = target / orbax_io.CONFIG_FILE
+  meta = json.loads(config_file.read_text())
+  meta["config"].update(edit)
+  config_file.write_text(json.dumps(meta))
+
+  def no_reads(self):
+    raise AssertionError("array data was read before the config was checked")
+
+  monkeypatch.setattr(orbax_io._ParamsReader, "read", no_reads)
+  with pytest.raises(CheckpointError) as e:
+    orbax_io.load(target)
+  for word in (*words, str(config_file), "re-save"):
+    assert word in str(e.value), (word, str(e.value))
+
+
+def test_edited_config_of_a_quantized_orbax_checkpoint(tmp_path, tiny_checkpoint):
+  from jinfer.quant import weights as quant_weights
+  config, params, tokenizer = tiny_checkpoint
+  quantized = quant_weights.quantize_params(params, "int4")
+  target = orbax_io.save(tmp_path / "ckpt", config, quantized, tokenizer)
+  assert orbax_io.load(target)[1]["layers"][0]["w_down"].shape == (64, 128)
+  config_file = target / orbax_io.CONFIG_FILE
+  meta = json.loads(config_file.read_text())
+  meta["config"]["d_ff"] = 256
+  config_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"'layers\.0\.w_gate_up' has shape \(256, 64\), but "
+                                            r"the config \(d_ff=256, d_model=64\) implies"):
+    orbax_io.load(target)
+  meta["config"]["d_ff"], meta["quantization"] = 128, {"mode": "int3"}
+  config_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="\"quantization\" is .*int3"):
+    orbax_io.load(target)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (dict(n_heads=0), ["n_heads", "positive integer", "got 0"]),
+    (dict(n_kv_heads=3), ["n_heads=4 is not a multiple of n_kv_heads=3"]),
+    (dict(norm_eps=-1.0), ["norm_eps", "finite positive"]),
+    (dict(rope_scaling={"kind": "llama3", "low_freq_factor": 4.0}), ["high_freq_factor"]),
+    (dict(rope_scaling={"kind": "yarn"}), ["RopeScaling.kind 'yarn'"]),
+    (dict(rope_scaling={"kind": "linear", "beta": 2}), ["rope_scaling", "'beta'"]),
+    (dict(vocab_size=None), ["vocab_size", "positive integer"]),
+])
+def test_invalid_orbax_config_values(tmp_path, tiny_checkpoint, edit, words):
+  config, params, tokenizer = tiny_checkpoint
+  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
+  config_file = target / orbax_io.CONFIG_FILE
+  meta = json.loads(config_file.read_text())
+  meta["config"].update(edit)
+  config_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError) as e:
+    orbax_io.load(target)
+  for word in (*words, str(config_file)):
+    assert word in str(e.value), (word, str(e.value))
+  del meta["config"]["d_ff"]
+  config_file.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=r"lacks fields \['d_ff'\]"):
+    orbax_io.load(target)
+
+
+def test_hf_config_with_fewer_layers_than_the_weights(tmp_path, torch_seeded):
+  from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+  save_hf(LlamaForCausalLM(HFConfig(**HF_SMALL)), tmp_path)
+  config_file = tmp_path / "config.json"
+  hf = json.loads(config_file.read_text())
+  hf["num_hidden_layers"] = 1
+  config_file.write_text(json.dumps(hf))
+  with pytest.raises(CheckpointError) as e:
+    load_hf_dir(tmp_path)
+  for word in ("num_hidden_layers=1", "layer 1", "'model.layers.1.*'", str(config_file)):
+    assert word in str(e.value), word
+
+
+def test_gguf_block_count_lower_than_the_tensors(tmp_path):
+  tensors = gguf_tensors(TINY, hf_weights(TINY), True)
+  path = write_gguf(tmp_path / "b.gguf", dataclasses.replace(TINY, n_layers=1), tensors)
+  with pytest.raises(CheckpointError) as e:
+    load_gguf_params(path)
+  for word in ("llama.block_count=1", "'blk.1.*'", str(path)):
+    assert word in str(e.value), word
+
+
+# ---------------------------------------------------------------------------------------------
+# Config values out of range.
+
+
+def test_llama_config_rejects_bad_values_by_name():
+  from jinfer.errors import ConfigError, JinferError
+  cases = [(dict(n_heads=0), "n_heads"), (dict(vocab_size=-1), "vocab_size"),
+           (dict(d_ff=2.5), "d_ff"), (dict(n_layers=True), "n_layers"),
+           (dict(n_kv_heads=3), "n_kv_heads=3"), (dict(head_dim=15), "head_dim=15"),
+           (dict(rope_theta=float("inf")), "rope_theta"), (dict(norm_eps=0.0), "norm_eps"),
+           (dict(max_seq_len=0), "max_seq_len"), (dict(tie_embeddings="yes"), "tie_embeddings"),
+           (dict(rope_scaling={"factor": 2.0}), "rope_scaling")]
+  for edit, word in cases:
+    with pytest.raises(ConfigError, match=word) as e:
+      dataclasses.replace(config_lib.TINY_GQA, **edit)
+    assert isinstance(e.value, (JinferError, ValueError)), edit
+  with pytest.raises(ConfigError, match="factor"):
+    RopeScaling(kind="linear", factor=float("nan"))
+  for preset in (*config_lib.PRESETS.values(), TINY, TINY_K):
+    dataclasses.replace(preset)  # the presets pass their own checks
+  # numpy scalars are accepted and stored as Python numbers (configs are saved as JSON).
+  cfg = dataclasses.replace(TINY, n_layers=np.int64(3), rope_theta=np.float32(500.0))
+  assert type(cfg.n_layers) is int and type(cfg.rope_theta) is float
+  assert json.loads(json.dumps(dataclasses.asdict(cfg)))["n_layers"] == 3
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (dict(num_attention_heads=0), ["num_attention_heads=0", "positive integer"]),
+    (dict(num_attention_heads=0, head_dim=16), ["num_attention_heads=0"]),
+    (dict(hidden_size=-64), ["hidden_size=-64"]),
+    (dict(hidden_size=66), ["hidden_size=66", "num_attention_heads=4", "head_dim"]),
+    (dict(num_key_value_heads=0), ["num_key_value_heads=0"]),
+    (dict(vocab_size="big"), ["vocab_size='big'"]),
+    (dict(intermediate_size=2.5), ["intermediate_size=2.5"]),
+    (dict(rms_norm_eps=0), ["rms_norm_eps=0", "finite positive"]),
+    (dict(rope_theta=-1.0), ["rope_theta=-1.0"]),
+    (dict(rope_scaling={"rope_type": "linear"}), ["factor=None"]),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                        "high_freq_factor": 1.0, "original_max_position_embeddings": 64}),
+     ["high_freq_factor", "must exceed"]),
+    (dict(head_dim=15), ["head_dim=15", "even"]),
+])
+def test_hf_config_values_out_of_range(tmp_path, overrides, words):
+  (tmp_path / "config.json").write_text(json.dumps(base_hf_config(**overrides)))
+  with pytest.raises(CheckpointError) as e:
+    hf_loader.load_hf_params(tmp_path)
+  for word in (*words, str(tmp_path / "config.json")):
+    assert word in str(e.value), (word, str(e.value))
+
+
+def test_gguf_head_count_zero(tmp_path):
+  import types
+  bad = types.SimpleNamespace(**dataclasses.asdict(TINY) | {"n_heads": 0})
+  path = write_gguf(tmp_path / "h.gguf", bad, gguf_tensors(TINY, hf_weights(TINY), True))
+  with pytest.raises(CheckpointError) as e:
+    load_gguf(path)
+  for word in ("llama.attention.head_count=0", "positive integer", str(path)):
+    assert word in str(e.value), word
+
+
+@pytest.mark.slow
+def test_real_smollm2_orbax_round_trip_and_corrupt_copy(tmp_path, real_gguf):
+  import subprocess
+  import sys
+  import jinfer
+  model = jinfer.load_model(str(real_gguf), dtype="bfloat16")
+  target = tmp_path / "ckpt"
+  model.save(target)
+  model.save(target, overwrite=True)
+  config, params, _ = orbax_io.load(target)
+  assert config == model.config == config_lib.SMOLLM2_135M
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(model.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A damaged copy: one clean error, nothing from the hundreds of reads in flight on stderr.
+  data = max((p for p in (target / "params").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:
+    f.truncate(data.stat().st_size // 3)
+  proc = subprocess.run([sys.executable, "-c", _LOAD_IN_SUBPROCESS, str(target)],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and proc.stdout.startswith("CheckpointError: param '"), (
+      proc.stdout, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, (
+      proc.stderr[-3000:])

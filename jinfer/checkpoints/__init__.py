@@ -16,6 +16,7 @@ from jinfer.checkpoints.registry import (DEFAULT_MODEL, REGISTRY, RegistryEntry,
 from jinfer.checkpoints.orbax_io import is_orbax_checkpoint
 from jinfer.checkpoints.orbax_io import load as load_orbax
 from jinfer.checkpoints.orbax_io import save as save_orbax
+from jinfer.checkpoints.validation import check_params
 from jinfer.models.config import LlamaConfig
 
 if TYPE_CHECKING:
@@ -36,5 +37,5 @@ def load_checkpoint(name_or_path: str | os.PathLike, **resolve_kwargs: Any
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "RegistryEntry", "cache_dir", "fetch", "resolve",
     "load_checkpoint", "load_gguf", "load_gguf_params", "load_hf_dir", "load_hf_params",
-    "orbax_io", "save_orbax", "load_orbax", "is_orbax_checkpoint",
+    "orbax_io", "save_orbax", "load_orbax", "is_orbax_checkpoint", "check_params",
 ]

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import gguf
 import numpy as np
 
-from jinfer.errors import CheckpointError, UnsupportedArchitectureError
+from jinfer.checkpoints import validation
+from jinfer.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from jinfer.models import llama
-from jinfer.models.config import LlamaConfig, RopeScaling, config_from_fields
+from jinfer.models.config import LlamaConfig, RopeScaling, invalid_config
 
 if TYPE_CHECKING:
   from jinfer.tokenizers import Tokenizer
@@ -35,16 +36,18 @@ def load_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, Params, "Tokenizer"
   from jinfer.tokenizers import Tokenizer  # Imported late: tokenizers imports nothing from here.
 
   reader = open_gguf(path)
-  config = config_from_gguf(reader)
+  source = f"GGUF file '{path}'"
+  config = config_from_gguf(reader, source)
   tokenizer = Tokenizer.from_gguf_reader(reader)  # Before the slow part: fail fast.
-  return config, params_from_gguf(reader, config), tokenizer
+  return config, params_from_gguf(reader, config, source), tokenizer
 
 
 def load_gguf_params(path: str | os.PathLike) -> tuple[LlamaConfig, Params]:
   """Like `load_gguf` without the tokenizer (for weight-only tools and tests)."""
   reader = open_gguf(path)
-  config = config_from_gguf(reader)
-  return config, params_from_gguf(reader, config)
+  source = f"GGUF file '{path}'"
+  config = config_from_gguf(reader, source)
+  return config, params_from_gguf(reader, config, source)
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -80,18 +83,46 @@ def _f32(value: Any) -> float:
   return float(str(np.float32(value)))
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
-  """Builds the architecture config from GGUF metadata."""
+def config_from_gguf(reader: gguf.GGUFReader, source: str = "GGUF metadata") -> LlamaConfig:
+  """Builds the architecture config from GGUF metadata (`source` names the file in errors)."""
   arch = _field(reader, "general.architecture", required=True)
   if arch not in SUPPORTED_ARCHITECTURES:
     raise UnsupportedArchitectureError(
         f"GGUF architecture '{arch}' is not supported; jinfer loads "
         f"{list(SUPPORTED_ARCHITECTURES)}. Use a model of one of those families.")
+  try:
+    return _config_from_gguf(reader, arch, source)
+  except ConfigError as e:  # LlamaConfig's and RopeScaling's own checks.
+    raise invalid_config(source, e) from e
+
+
+def _positive_int(reader: gguf.GGUFReader, key: str, source: str, default: Any = None,
+                  required: bool = False) -> int:
+  """A metadata value as a positive int, checked before anything divides by it."""
+  value = _field(reader, key, default, required)
+  if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    value = int(value)
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+      or value < 1):
+    raise CheckpointError(f"{source} metadata {key}={value!r} is not a positive integer; the "
+                          "file is damaged or per-layer values jinfer does not support. "
+                          "Re-convert it with llama.cpp's convert_hf_to_gguf.py.")
+  return int(value)
+
+
+def _config_from_gguf(reader: gguf.GGUFReader, arch: str, source: str) -> LlamaConfig:
   key = lambda name: f"{arch}.{name}"
-  d_model = int(_field(reader, key("embedding_length"), required=True))
-  n_heads = int(_field(reader, key("attention.head_count"), required=True))
-  head_dim = int(_field(reader, key("attention.key_length"), d_model // n_heads))
-  rope_dims = int(_field(reader, key("rope.dimension_count"), head_dim))
+  positive = lambda name, default=None, required=False: _positive_int(
+      reader, key(name), source, default, required)
+  d_model = positive("embedding_length", required=True)
+  n_heads = positive("attention.head_count", required=True)
+  if _field(reader, key("attention.key_length")) is None and d_model % n_heads:
+    raise CheckpointError(
+        f"{source} metadata {key('embedding_length')}={d_model} is not a multiple of "
+        f"{key('attention.head_count')}={n_heads}, and there is no "
+        f"{key('attention.key_length')} giving the head width. Re-convert the file.")
+  head_dim = positive("attention.key_length", d_model // n_heads)
+  rope_dims = positive("rope.dimension_count", head_dim)
   if rope_dims != head_dim:
     raise UnsupportedArchitectureError(
         f"GGUF rope.dimension_count={rope_dims} differs from head_dim={head_dim} (partial rotary "
@@ -102,21 +133,20 @@ def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
         "GGUF has an attention output bias (blk.*.attn_output.bias); jinfer's Llama-family "
         "model has none. Use a model without an output-projection bias.")
   rope_theta = _f32(_field(reader, key("rope.freq_base"), 10_000.0))
-  return config_from_fields(
-      "GGUF metadata",
+  return LlamaConfig(
       vocab_size=_vocab_size(reader, arch),
       d_model=d_model,
-      n_layers=int(_field(reader, key("block_count"), required=True)),
+      n_layers=positive("block_count", required=True),
       n_heads=n_heads,
-      n_kv_heads=int(_field(reader, key("attention.head_count_kv"), n_heads)),
+      n_kv_heads=positive("attention.head_count_kv", n_heads),
       head_dim=head_dim,
-      d_ff=int(_field(reader, key("feed_forward_length"), required=True)),
+      d_ff=positive("feed_forward_length", required=True),
       rope_theta=rope_theta,
       rope_scaling=_rope_scaling(reader, arch, head_dim, rope_theta),
       norm_eps=_f32(_field(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
       tie_embeddings="output.weight" not in tensor_names,
       qkv_bias="blk.0.attn_q.bias" in tensor_names,
-      max_seq_len=int(_field(reader, key("context_length"), 2048)),
+      max_seq_len=positive("context_length", 2048),
       architecture=arch,
   )
 
@@ -173,15 +203,18 @@ def fit_llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> Rope
   factor = float(factors.max())
   inv_wavelen = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)) / (2 * math.pi)
   medium = (factors > 1 + 1e-6) & (factors < factor - 1e-6 * factor)
-  candidate = RopeScaling(kind="llama3", factor=factor)
-  if medium.sum() >= 2 and factor > 1:
-    # In the medium band smooth = (1/f - 1/factor) / (1 - 1/factor) = a / wavelen + b.
-    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
-    a, b = np.polyfit(inv_wavelen[medium], smooth, 1)
-    high = float(_tidy(1 - 1 / b))
-    candidate = RopeScaling(kind="llama3", factor=factor, low_freq_factor=1.0,
-                            high_freq_factor=high, original_max_position=_tidy(a * (high - 1)))
-  if factors.shape[0] != head_dim // 2 or not np.allclose(
+  try:
+    candidate = RopeScaling(kind="llama3", factor=factor)
+    if medium.sum() >= 2 and factor > 1:
+      # In the medium band smooth = (1/f - 1/factor) / (1 - 1/factor) = a / wavelen + b.
+      smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+      a, b = np.polyfit(inv_wavelen[medium], smooth, 1)
+      high = float(_tidy(1 - 1 / b))
+      candidate = RopeScaling(kind="llama3", factor=factor, low_freq_factor=1.0,
+                              high_freq_factor=high, original_max_position=_tidy(a * (high - 1)))
+  except ConfigError:  # the fitted values are no valid scaling: these are not Llama 3 factors
+    candidate = None
+  if candidate is None or factors.shape[0] != head_dim // 2 or not np.allclose(
       llama3_rope_factors(head_dim, theta, candidate), factors, rtol=1e-4):
     raise UnsupportedArchitectureError(
         "GGUF rope_freqs tensor does not follow Llama 3.1 RoPE scaling; jinfer cannot reproduce "
@@ -228,8 +261,12 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def params_from_gguf(reader: gguf.GGUFReader, config: LlamaConfig) -> Params:
-  """Dequantizes every tensor and arranges it in jinfer's params layout."""
+def params_from_gguf(reader: gguf.GGUFReader, config: LlamaConfig,
+                     source: str = "GGUF metadata") -> Params:
+  """Dequantizes every tensor and arranges it in jinfer's params layout, checked against
+  `config` (read from `source`)."""
+  validation.check_layer_count([t.name for t in reader.tensors], "blk.", config, source,
+                               f"{config.architecture}.block_count")
   get = _tensor_getter(reader)
   params: Params = {
       "embed": get("token_embd.weight", (config.vocab_size, config.d_model)),
@@ -238,6 +275,7 @@ def params_from_gguf(reader: gguf.GGUFReader, config: LlamaConfig) -> Params:
   }
   if not config.tie_embeddings:
     params["lm_head"] = get("output.weight", (config.vocab_size, config.d_model))
+  validation.check_params(params, config, source)
   return params
 
 

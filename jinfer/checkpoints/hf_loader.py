@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -10,9 +11,10 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jinfer.errors import CheckpointError, UnsupportedArchitectureError
+from jinfer.checkpoints import validation
+from jinfer.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from jinfer.models import llama
-from jinfer.models.config import LlamaConfig, RopeScaling, config_from_fields
+from jinfer.models.config import LlamaConfig, RopeScaling, invalid_config
 
 if TYPE_CHECKING:
   from jinfer.tokenizers import Tokenizer
@@ -36,18 +38,20 @@ def load_hf_dir(path: str | os.PathLike) -> tuple[LlamaConfig, Params, "Tokenize
   from jinfer.tokenizers import Tokenizer  # Imported late: tokenizers imports nothing from here.
 
   path = Path(path)
-  config = config_from_hf(read_config_json(path))
+  source = f"'{path / 'config.json'}'"
+  config = config_from_hf(read_config_json(path), source)
   tokenizer = Tokenizer.from_hf_dir(path)  # Before the slow part: fail fast.
   with SafetensorsDir(path) as tensors:
-    return config, params_from_hf(tensors, config), tokenizer
+    return config, params_from_hf(tensors, config, source), tokenizer
 
 
 def load_hf_params(path: str | os.PathLike) -> tuple[LlamaConfig, Params]:
   """Like `load_hf_dir` without the tokenizer."""
   path = Path(path)
-  config = config_from_hf(read_config_json(path))
+  source = f"'{path / 'config.json'}'"
+  config = config_from_hf(read_config_json(path), source)
   with SafetensorsDir(path) as tensors:
-    return config, params_from_hf(tensors, config)
+    return config, params_from_hf(tensors, config, source)
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -66,8 +70,14 @@ def read_config_json(path: Path) -> dict[str, Any]:
     raise CheckpointError(f"'{config_path}' is not valid JSON ({e}); re-download it.") from e
 
 
-def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
-  """Maps a transformers config.json dict onto LlamaConfig, refusing features jinfer lacks."""
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+  """Maps a transformers config.json dict onto LlamaConfig, refusing features jinfer lacks.
+
+  `source` names the file in errors. Every value is checked (by name) before it is used.
+  """
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{source} holds a {type(hf).__name__}, expected a JSON object; "
+                          "re-download it.")
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UnsupportedArchitectureError(
@@ -77,28 +87,57 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
   missing = [key for key in _REQUIRED_KEYS if key not in hf]
   if missing:
     raise CheckpointError(
-        f"config.json lacks {missing}; it is incomplete. Re-download it or re-save the model.")
-  d_model = int(hf["hidden_size"])
-  n_heads = int(hf["num_attention_heads"])
-  rope_theta, rope_scaling = _rope(hf)
-  return config_from_fields(
-      "config.json",
-      vocab_size=int(hf["vocab_size"]),
-      d_model=d_model,
-      n_layers=int(hf["num_hidden_layers"]),
-      n_heads=n_heads,
-      n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-      head_dim=int(hf.get("head_dim") or d_model // n_heads),
-      d_ff=int(hf["intermediate_size"]),
-      rope_theta=rope_theta,
-      rope_scaling=rope_scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      # All three classes default to untied embeddings.
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=model_type == "qwen2",
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-      architecture=model_type,
-  )
+        f"{source} lacks {missing}; it is incomplete. Re-download it or re-save the model.")
+  int_field = lambda key, default=None: _positive_int(hf, key, default, source)
+  d_model = int_field("hidden_size")
+  n_heads = int_field("num_attention_heads")
+  if hf.get("head_dim") is None and d_model % n_heads:
+    raise CheckpointError(
+        f"{source} hidden_size={d_model} is not a multiple of num_attention_heads={n_heads}, and "
+        "there is no head_dim to say how wide each head is; fix those values or add head_dim.")
+  try:
+    rope_theta, rope_scaling = _rope(hf, source)
+    return LlamaConfig(
+        vocab_size=int_field("vocab_size"),
+        d_model=d_model,
+        n_layers=int_field("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=int_field("num_key_value_heads", n_heads),
+        head_dim=int_field("head_dim", d_model // n_heads),
+        d_ff=int_field("intermediate_size"),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6, source),
+        # All three classes default to untied embeddings.
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        max_seq_len=int_field("max_position_embeddings", 2048),
+        architecture=model_type,
+    )
+  except ConfigError as e:  # LlamaConfig's own consistency checks (e.g. heads per KV head).
+    raise invalid_config(source, e) from e
+
+
+def _positive_int(hf: dict[str, Any], key: str, default: Any, source: str) -> int:
+  """hf[key] (default when absent or null) as a positive int; 2.0 is accepted, 2.5 is not."""
+  value = hf.get(key)
+  value = default if value is None else value
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise CheckpointError(f"{source} {key}={value!r} is not a positive integer; fix the value "
+                          "or re-download the file.")
+  return value
+
+
+def _positive_float(d: dict[str, Any], key: str, default: Any, source: str) -> float:
+  value = d.get(key)
+  value = default if value is None else value
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+      or value <= 0):
+    raise CheckpointError(f"{source} {key}={value!r} is not a finite positive number; fix the "
+                          "value or re-download the file.")
+  return float(value)
 
 
 def _check_features(hf: dict[str, Any], model_type: str) -> None:
@@ -125,22 +164,26 @@ def _check_features(hf: dict[str, Any], model_type: str) -> None:
         "would give wrong results past the window. Use a model without sliding-window attention.")
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, Optional[RopeScaling]]:
+def _rope(hf: dict[str, Any], source: str) -> tuple[float, Optional[RopeScaling]]:
   """Reads rope_theta/rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
   params = hf.get("rope_parameters") or {}
-  theta = float(hf.get("rope_theta", params.get("rope_theta", 10_000.0)))
   scaling = hf.get("rope_scaling") or params
+  if not isinstance(params, dict) or not isinstance(scaling, dict):
+    raise CheckpointError(f"{source} rope_scaling/rope_parameters must be JSON objects; got "
+                          f"{scaling!r}. Fix the file or re-download it.")
+  theta = _positive_float(hf, "rope_theta", params.get("rope_theta", 10_000.0), source)
   kind = scaling.get("rope_type", scaling.get("type", "default"))
+  number = lambda key: _positive_float(scaling, key, None, source)
   if kind == "default":
     return theta, None
   if kind == "linear":
-    return theta, RopeScaling(kind="linear", factor=float(scaling["factor"]))
+    return theta, RopeScaling(kind="linear", factor=number("factor"))
   if kind == "llama3":
     return theta, RopeScaling(
-        kind="llama3", factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position=int(scaling["original_max_position_embeddings"]))
+        kind="llama3", factor=number("factor"), low_freq_factor=number("low_freq_factor"),
+        high_freq_factor=number("high_freq_factor"),
+        original_max_position=_positive_int(scaling, "original_max_position_embeddings", None,
+                                            source))
   raise UnsupportedArchitectureError(
       f"rope scaling type '{kind}' is not supported; jinfer implements 'llama3' and 'linear'.")
 
@@ -173,6 +216,10 @@ class SafetensorsDir:
 
   def __contains__(self, name: str) -> bool:
     return name in self._where
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._where)
 
   def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in self._where:
@@ -224,8 +271,11 @@ def _read_bf16(file: Path, name: str) -> np.ndarray:
   return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def params_from_hf(tensors: SafetensorsDir, config: LlamaConfig) -> Params:
-  """Arranges HF tensors (Linear weights are [out, in]) in jinfer's params layout."""
+def params_from_hf(tensors: SafetensorsDir, config: LlamaConfig,
+                   source: str = "config.json") -> Params:
+  """Arranges HF tensors (Linear weights are [out, in]) in jinfer's params layout, checking them
+  against `config` (read from `source`)."""
+  validation.check_layer_count(tensors.names, "model.layers.", config, source, "num_hidden_layers")
   d, v = config.d_model, config.vocab_size
   params: Params = {
       "embed": tensors.get("model.embed_tokens.weight", (v, d)),
@@ -235,6 +285,7 @@ def params_from_hf(tensors: SafetensorsDir, config: LlamaConfig) -> Params:
   # Tied checkpoints sometimes still store lm_head.weight; the config decides.
   if not config.tie_embeddings:
     params["lm_head"] = tensors.get("lm_head.weight", (v, d))
+  validation.check_params(params, config, source)
   return params
 
 

@@ -3,9 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
-from jinfer.errors import CheckpointError
+import numpy as np
+
+from jinfer.errors import CheckpointError, ConfigError
+
+ROPE_SCALING_KINDS = ("linear", "llama3")
+
+
+def _check_positive_ints(config, names: tuple[str, ...]) -> None:
+  for name in names:
+    value = getattr(config, name)
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not is_int or value < 1:
+      raise ConfigError(f"{type(config).__name__}.{name} must be a positive integer; got "
+                        f"{value!r}.")
+    # numpy scalars become Python ones: configs are saved as JSON.
+    object.__setattr__(config, name, int(value))
+
+
+def _check_positive_numbers(config, names: tuple[str, ...]) -> None:
+  for name in names:
+    value = getattr(config, name)
+    # Ints are fine (rope_theta=10000); bools, NaN and inf are not.
+    ok = (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) and value > 0)
+    if not ok:
+      raise ConfigError(f"{type(config).__name__}.{name} must be a finite positive number; got "
+                        f"{value!r}.")
+    if isinstance(value, (np.integer, np.floating)):
+      object.__setattr__(config, name, value.item())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +46,19 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ROPE_SCALING_KINDS:
+      raise ConfigError(f"RopeScaling.kind {self.kind!r} is not supported; use one of "
+                        f"{list(ROPE_SCALING_KINDS)}.")
+    # original_max_position too: GGUF files only give a fitted (maybe fractional) value.
+    _check_positive_numbers(
+        self, ("factor", "low_freq_factor", "high_freq_factor", "original_max_position"))
+    # Llama 3 scaling interpolates between the two wavelength bounds: it divides by their gap.
+    if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+      raise ConfigError(
+          f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+          f"low_freq_factor={self.low_freq_factor} for llama3 scaling.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +81,25 @@ class LlamaConfig:
   architecture: str = "llama"
 
   def __post_init__(self):
+    """Rejects values the model cannot run with, before they become shape errors inside JAX."""
+    _check_positive_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                "head_dim", "d_ff", "max_seq_len"))
+    _check_positive_numbers(self, ("rope_theta", "norm_eps"))
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(
+      raise ConfigError(
           f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
           "grouped-query attention needs each KV head shared by a whole number of query heads.")
+    if self.head_dim % 2:
+      raise ConfigError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of dims.")
+    if not (self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling)):
+      raise ConfigError(f"LlamaConfig.rope_scaling must be None or a RopeScaling; got "
+                        f"{self.rope_scaling!r}.")
+    for name in ("tie_embeddings", "qkv_bias"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"LlamaConfig.{name} must be True or False; got "
+                          f"{getattr(self, name)!r}.")
+    if not isinstance(self.architecture, str):
+      raise ConfigError(f"LlamaConfig.architecture must be a string; got {self.architecture!r}.")
 
   @property
   def group_size(self) -> int:
@@ -51,11 +108,17 @@ class LlamaConfig:
 
 
 def config_from_fields(source: str, **fields) -> LlamaConfig:
-  """A LlamaConfig read from a checkpoint; inconsistent fields become a CheckpointError."""
+  """A LlamaConfig read from a checkpoint; invalid fields become a CheckpointError."""
   try:
     return LlamaConfig(**fields)
-  except ValueError as e:  # LlamaConfig's own consistency checks.
-    raise CheckpointError(f"{source} describes an invalid model: {e}") from e
+  except ConfigError as e:
+    raise invalid_config(source, e) from e
+
+
+def invalid_config(source: str, error: ConfigError) -> CheckpointError:
+  """The CheckpointError for a checkpoint whose config fails LlamaConfig's checks."""
+  return CheckpointError(f"{source} describes an invalid model: {error} Fix the value in "
+                         f"{source}, or re-download, re-convert or re-save the checkpoint.")
 
 
 SMOLLM2_135M = LlamaConfig(
