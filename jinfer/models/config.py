@@ -107,14 +107,6 @@ class LlamaConfig:
     return self.n_heads // self.n_kv_heads
 
 
-def config_from_fields(source: str, **fields) -> LlamaConfig:
-  """A LlamaConfig read from a checkpoint; invalid fields become a CheckpointError."""
-  try:
-    return LlamaConfig(**fields)
-  except ConfigError as e:
-    raise invalid_config(source, e) from e
-
-
 def invalid_config(source: str, error: ConfigError) -> CheckpointError:
   """The CheckpointError for a checkpoint whose config fails LlamaConfig's checks."""
   return CheckpointError(f"{source} describes an invalid model: {error} Fix the value in "
