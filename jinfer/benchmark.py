@@ -153,7 +153,7 @@ def roofline_bandwidth(requested_gbps: Optional[float]) -> tuple[float, str]:
   HBM peak on TPU/GPU, or on CPU the read bandwidth measured now (so the fraction of the
   ceiling compares two figures from one run on one machine)."""
   import jax  # pylint: disable=g-import-not-at-top
-  if requested_gbps:
+  if requested_gbps is not None:
     return requested_gbps, "--bandwidth_gbps"
   if jax.default_backend() != "cpu":
     from pallas_kernels.paged_attention.benchmark import peak_gbps_for  # pylint: disable=g-import-not-at-top
@@ -558,6 +558,10 @@ def speculative_prompts(tokenizer, prompt_tokens: int) -> dict[str, list[int]]:
   copy = tokenizer.apply_chat_template([{"role": "user", "content": COPY_INSTRUCTION + text}])
   return {"continue": build_prompt_ids(tokenizer, prompt_tokens),
           "copy": tokenizer.encode(copy)}
+
+
+# Draft methods `bench_speculative` can build without a second model.
+SPECULATIVE_METHODS = ("ngram", "self")
 
 
 def speculative_config(method: str, model, num_draft_tokens: int = 4):

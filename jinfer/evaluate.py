@@ -49,6 +49,7 @@ def greedy_agreement(model, reference, text: Optional[str] = None, *,
 
 def score(model, ids: Sequence[int], chunk_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
   """(NLL of each token after the first [T-1], the model's argmax prediction there [T-1])."""
+  validation.model(model)
   ids = validation.token_ids("token_ids", ids, model.config.vocab_size)
   check_request(len(ids) >= 2, f"scoring needs at least 2 tokens; the text has {len(ids)}.")
   check_request(len(ids) <= model.config.max_seq_len,
@@ -73,6 +74,7 @@ def score(model, ids: Sequence[int], chunk_size: int = 512) -> tuple[np.ndarray,
 
 
 def _token_ids(model, text, token_ids) -> list[int]:
+  validation.model(model)
   check_request(text is None or token_ids is None, "give text or token_ids, not both.")
   if token_ids is not None:
     return validation.token_ids("token_ids", token_ids, model.config.vocab_size)
@@ -81,6 +83,8 @@ def _token_ids(model, text, token_ids) -> list[int]:
 
 def read_text_file(path) -> str:
   """The UTF-8 text of `path`, refused when missing, empty or binary (before any model loads)."""
+  check_request(bool(str(path)), "the text file path is empty; pass the path of a UTF-8 text "
+                "file, or leave it out to use the default text.")
   path = Path(path)
   check_request(path.is_file(), f"text file {str(path)!r} does not exist or is not a file; "
                 "pass the path of a UTF-8 text file.")

@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import tempfile
+import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import jinja2
@@ -23,7 +24,9 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
 
+from jinfer import validation
 from jinfer.errors import CheckpointError, InvalidRequestError
+from jinfer.validation import check_request
 
 if TYPE_CHECKING:
   import gguf
@@ -354,7 +357,11 @@ class Tokenizer:
     """Token ids of `text`. Special-token strings in it (e.g. '<|im_end|>') become the special
     tokens, as in transformers and vLLM, unless `split_special_tokens`: then they are encoded as
     the plain text they are (what a server wants for untrusted text)."""
-    ids = self._backend.encode(text, split_special_tokens)
+    text = validation.text("text", text, allow_empty=True)
+    if add_bos is not None:
+      validation.boolean("add_bos", add_bos)
+    ids = self._backend.encode(text, validation.boolean("split_special_tokens",
+                                                        split_special_tokens))
     if self.add_bos if add_bos is None else add_bos:
       if self.bos_id is None:
         raise InvalidRequestError("add_bos=True, but this tokenizer has no BOS token.")
@@ -362,7 +369,13 @@ class Tokenizer:
     return ids
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-    return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+    """The text of token ids. Ids past the tokenizer's vocabulary (a model's padded vocabulary
+    rows) decode to nothing, as in transformers."""
+    ids = validation.token_ids("ids", ids if hasattr(ids, "__len__") else list(ids),
+                               allow_empty=True)
+    check_request(all(i >= 0 for i in ids), f"ids must be >= 0, got {[i for i in ids if i < 0]}.")
+    return self._backend.decode(ids, validation.boolean("skip_special_tokens",
+                                                        skip_special_tokens))
 
   def id_to_piece(self, i: int) -> str:
     piece = self._backend.id_to_piece(int(i))
@@ -385,6 +398,9 @@ class Tokenizer:
     text while the template's own markers stay special tokens, so a user who writes
     '<|im_end|><|im_start|>system' in a message cannot open a new turn (role injection).
     """
+    for name, value in (("add_generation_prompt", add_generation_prompt), ("tokenize", tokenize),
+                        ("split_special_tokens", split_special_tokens)):
+      validation.boolean(name, value)
     if split_special_tokens and not tokenize:
       raise InvalidRequestError("split_special_tokens=True needs tokenize=True: the text alone "
                                 "cannot say which special-token strings are content.")
@@ -403,9 +419,9 @@ class Tokenizer:
       raise CheckpointError(
           "This tokenizer has no chat template, so chat messages cannot be formatted; pass the "
           "prompt as plain text, or set tokenizer.chat_template to a Jinja template.")
-    if not isinstance(messages, list) or not messages:
-      raise InvalidRequestError("Cannot apply the chat template to an empty conversation; pass "
-                                "a non-empty list of {'role': ..., 'content': ...} dicts.")
+    if not isinstance(messages, (list, tuple)) or not messages:
+      raise InvalidRequestError("messages must be a non-empty list of {'role': ..., 'content': "
+                                f"...}} dicts, got {messages!r:.80}.")
     variables = {f"{name}_token": self.id_to_piece(i) for name in _SPECIAL_NAMES
                  if (i := getattr(self, f"{name}_id")) is not None}
     variables.update(tools=None, documents=None)
@@ -425,19 +441,24 @@ class Tokenizer:
     template text around the contents, and once for real; each content is then read off the
     real text between its surrounding template pieces (templates may trim it).
     """
-    marker = "\x00jinfer-content-{}\x00"
-    if not isinstance(messages, list):
-      return [(self._render(messages, add_generation_prompt, kwargs), False)]
+    text = self._render(messages, add_generation_prompt, kwargs)  # the template's checks first
+    # Only string contents are encoded as plain text: special-token strings anywhere else (a
+    # role, a name, a list of content parts, a template variable) would reach the template's
+    # text as special tokens, so they are refused.
+    self._refuse_special_strings("template variables", kwargs)
     contents, marked = [], []
-    for message in messages:
-      if isinstance(message, dict) and isinstance(message.get("content"), str):
-        marked.append({**message, "content": marker.format(len(contents))})
-        contents.append(message["content"])
+    nonce = uuid.uuid4().hex  # unguessable, so no message can contain the marker
+    for i, message in enumerate(messages):
+      content = message.get("content")
+      rest = {k: v for k, v in message.items() if k != "content" or not isinstance(v, str)}
+      self._refuse_special_strings(f"messages[{i}]", rest)
+      if isinstance(content, str):
+        marked.append({**message, "content": f"\x00{nonce}-{len(contents)}\x00"})
+        contents.append(content)
       else:
         marked.append(message)
-    text = self._render(messages, add_generation_prompt, kwargs)
-    parts = re.split("\x00jinfer-content-(\\d+)\x00",
-                     self._render(marked, add_generation_prompt, kwargs))
+    parts = re.split(f"\x00{nonce}-(\\d+)\x00", self._render(marked, add_generation_prompt,
+                                                                  kwargs))
     template_pieces, content_ids = parts[0::2], [int(i) for i in parts[1::2]]
     pieces, pos = [], 0
     for i, template_piece in enumerate(template_pieces):
@@ -457,6 +478,26 @@ class Tokenizer:
       else:
         raise InvalidRequestError(_TEMPLATE_CHANGES_CONTENT)
     return pieces
+
+  def _refuse_special_strings(self, where: str, value: Any) -> None:
+    """Raises if a special-token string occurs in any string inside `value`."""
+    if isinstance(value, str):
+      found = [p for p in self._special_pieces if p in value]
+      if found:
+        raise InvalidRequestError(
+            f"{where} holds the special-token string {found[0]!r} outside a string 'content'; "
+            "with split_special_tokens only string contents are encoded as plain text. Remove "
+            "it, or pass the text as 'content'.")
+    elif isinstance(value, dict):
+      for key, item in value.items():
+        self._refuse_special_strings(f"{where}[{key!r}]", item)
+    elif isinstance(value, (list, tuple)):
+      for i, item in enumerate(value):
+        self._refuse_special_strings(f"{where}[{i}]", item)
+
+  @functools.cached_property
+  def _special_pieces(self) -> list[str]:
+    return [p for i in self.special_ids if (p := self._backend.id_to_piece(i))]
 
 
 _TEMPLATE_CHANGES_CONTENT = (

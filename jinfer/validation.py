@@ -30,9 +30,13 @@ def is_integer(x) -> bool:
 
 
 def is_number(x) -> bool:
-  """True for finite Python and numpy ints and floats, not bools."""
-  return ((is_integer(x) or isinstance(x, (float, np.floating)))
-          and math.isfinite(float(x)))
+  """True for finite Python and numpy ints and floats, not bools (nor ints too big for a float)."""
+  if not (is_integer(x) or isinstance(x, (float, np.floating))):
+    return False
+  try:
+    return math.isfinite(float(x))
+  except OverflowError:
+    return False
 
 
 def _range_text(low, high, low_open: bool, high_open: bool) -> str:
@@ -88,12 +92,14 @@ def text(name: str, value, *, allow_empty: bool = False) -> str:
 
 
 def strings(name: str, value, *, allow_blank: bool = False) -> tuple[str, ...]:
-  """One string or a sequence of non-empty strings, as a tuple."""
+  """One string or a sequence of non-empty strings, as a tuple of str."""
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
   if isinstance(value, str):
     value = (value,)
   check_request(isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, bytes),
                 f"{name} must be a string or a list of strings, got {type(value).__name__}.")
-  items = tuple(text(f"{name}[{i}]", v) for i, v in enumerate(value))
+  items = tuple(str(text(f"{name}[{i}]", v)) for i, v in enumerate(value))
   check_request(allow_blank or all(s.strip() for s in items),
                 f"{name} must be non-blank strings, got {items!r}.")
   return items
@@ -104,6 +110,11 @@ def token_ids(name: str, value, vocab_size: Optional[int] = None, *,
   """A sequence of integer token ids (each in [0, vocab_size) when that is given)."""
   check_request(_is_sequence(value), f"{name} must be a list of integer token ids, got "
                 f"{type(value).__name__} {value!r:.80}.")
+  if _is_array(value):
+    value = np.asarray(value)
+    check_request(value.dtype.kind in "iu", f"{name} must hold integer token ids, got an array "
+                  f"of {value.dtype}.")
+    value = value.tolist()
   bad = [t for t in value if not is_integer(t)]
   check_request(not bad, f"{name} must hold integer token ids; {bad[:3]!r} are not integers "
                 "(floats, bools and strings are not token ids).")
@@ -118,7 +129,7 @@ def token_ids(name: str, value, vocab_size: Optional[int] = None, *,
 
 def token_matrix(name: str, value, vocab_size: int, max_len: int) -> np.ndarray:
   """[B, T] int32 token ids: a 2-D integer array, or B lists of T integer ids, T <= max_len."""
-  if hasattr(value, "shape") and hasattr(value, "dtype"):  # a numpy or jax array
+  if _is_array(value):
     array = np.asarray(value)
     check_request(array.ndim == 2 and array.dtype.kind in "iu",
                   f"{name} must be integer token ids of shape [batch, length], got shape "
@@ -140,9 +151,14 @@ def token_matrix(name: str, value, vocab_size: int, max_len: int) -> np.ndarray:
 
 
 def _is_sequence(value) -> bool:
-  if isinstance(value, np.ndarray):
+  if _is_array(value):
     return value.ndim == 1
   return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def _is_array(value) -> bool:
+  """A numpy or jax array (anything with a shape and a dtype)."""
+  return hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "ndim")
 
 
 Prompt = Union[str, Sequence[int]]
@@ -151,7 +167,8 @@ Prompt = Union[str, Sequence[int]]
 def prompts(value, vocab_size: Optional[int] = None) -> list[Prompt]:
   """A batch of prompts: each a string or a list of token ids. A 2-D integer numpy array is a
   batch of equal-length token-id prompts; an empty batch is refused."""
-  if isinstance(value, np.ndarray):
+  if _is_array(value):
+    value = np.asarray(value)
     check_request(value.ndim == 2 or (value.ndim == 1 and value.dtype.kind in "OU"),
                   "a numpy array of prompts must be [batch, length] integer token ids or a 1-D "
                   f"array of strings; got shape {value.shape} dtype {value.dtype}.")
@@ -177,6 +194,13 @@ def fits_context(index: int, prompt_len: int, max_tokens: int, context: int) -> 
   check_request(prompt_len + max_tokens <= context,
                 f"prompt {index} has {prompt_len} tokens and asks for max_tokens={max_tokens}, "
                 f"more than the model's context of {context}; shorten the prompt or max_tokens.")
+
+
+def model(value) -> None:
+  """A jinfer Model (load_model's result), not a name, config or params."""
+  from jinfer.model import Model  # pylint: disable=g-import-not-at-top  (model imports us)
+  check_request(isinstance(value, Model), f"model must be a jinfer.Model (from "
+                f"jinfer.load_model), got {type(value).__name__}.")
 
 
 def mapping(name: str, value) -> Mapping:

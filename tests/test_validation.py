@@ -250,3 +250,86 @@ def test_integer_and_number_checks_name_the_range():
   _raises(lambda: validation.integer("k", 6, low=1, high=5), "k must be an integer in [1, 5]")
   _raises(lambda: validation.number("p", 0, low=0, high=1, low_open=True), "p", "(0, 1]")
   assert validation.number("p", np.float16(0.5), low=0) == 0.5
+
+
+# ----------------------------------------------------------------------------- found by fuzzing
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(temperature=2**2000), ["temperature", "finite"]),
+    (dict(logit_bias={1: 2**2000}), ["logit_bias[1]"]),
+    (dict(n=129), ["n must be an integer in [1, 128]"]),
+])
+def test_huge_values_are_refused(kwargs, words):
+  _raises(lambda: SamplingParams(**kwargs), *words)
+
+
+def test_huge_beam_width_is_refused():
+  _raises(lambda: jinfer.BeamSearchParams(beam_width=2**40, max_tokens=2), "beam_width", "128")
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token(tiny_model):
+  def sample(top_k):
+    p = SamplingParams(temperature=1.0, top_k=top_k, seed=3, max_tokens=5, ignore_eos=True)
+    return jinfer.generate(tiny_model, ["k"], p)[0].token_ids
+
+  assert sample(2**31) == sample(2**70) == sample(0)
+
+
+def test_a_top_p_that_underflows_float32_still_keeps_the_top_token(tiny_model):
+  greedy = jinfer.generate(tiny_model, ["p"], SamplingParams(temperature=0, max_tokens=4,
+                                                             ignore_eos=True))[0]
+  for seed in (0, 1):
+    p = SamplingParams(temperature=1.0, top_p=1e-50, seed=seed, max_tokens=4, ignore_eos=True,
+                       logprobs=1, logprobs_mode="processed")
+    out = jinfer.generate(tiny_model, ["p"], p)[0]
+    assert out.token_ids == greedy.token_ids
+    assert all(math.isfinite(x) for x in out.logprobs)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True, "8", None])
+def test_steps_per_chunk_is_a_positive_integer(tiny_model, steps):
+  _raises(lambda: jinfer.generate_stream(tiny_model, ["x"], GREEDY, steps_per_chunk=steps),
+          "steps_per_chunk")
+
+
+def test_steps_per_chunk_past_the_output_is_one_chunk(tiny_model):
+  deltas = list(jinfer.generate_stream(tiny_model, ["x"], GREEDY, steps_per_chunk=2**70))
+  assert sum(len(d.token_ids) for d in deltas) == 4
+
+
+@pytest.mark.parametrize("model", [None, "smollm2-135m-instruct", {}])
+def test_model_must_be_a_model(model):
+  _raises(lambda: jinfer.generate(model, ["x"]), "jinfer.Model")
+  _raises(lambda: jinfer.beam_search(model, ["x"], jinfer.BeamSearchParams(2, 2)), "jinfer.Model")
+  _raises(lambda: jinfer.perplexity(model, "some text"), "jinfer.Model")
+
+
+def test_speculative_settings_are_checked_whatever_the_method(tiny_model):
+  import types
+  _raises(lambda: jinfer.SpeculativeConfig(method="self", draft_layers=1, ngram_max=[3]),
+          "ngram_max")
+  _raises(lambda: jinfer.SpeculativeConfig(method="draft_model",
+                                           draft_model=types.SimpleNamespace(params={})),
+          "jinfer.Model")
+
+
+def test_string_fields_take_numpy_strings():
+  p = SamplingParams(stop=np.array("a"), bad_words=np.array(["b"]))
+  assert p.stop == ("a",) and p.bad_words == ("b",)
+  assert type(p.bad_words[0]) is str
+
+
+def test_jax_arrays_are_token_ids(tiny_model):
+  rows = [[10, 20, 30]]
+  expected = jinfer.generate(tiny_model, rows, GREEDY)[0].token_ids
+  assert jinfer.generate(tiny_model, jnp.array(rows), GREEDY)[0].token_ids == expected
+  assert jinfer.generate(tiny_model, [jnp.array(rows[0])], GREEDY)[0].token_ids == expected
+  p = SamplingParams(stop_token_ids=jnp.array([5]), allowed_token_ids=np.array([1, 2]))
+  assert p.stop_token_ids == (5,) and p.allowed_token_ids == (1, 2)
+
+
+def test_load_model_refuses_odd_names_cleanly():
+  for name in ("", "x" * 5000, "~nosuchuser-jinfer/x.gguf"):
+    with pytest.raises(jinfer.JinferError):
+      jinfer.load_model(name)

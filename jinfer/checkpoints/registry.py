@@ -174,10 +174,18 @@ def resolve(name_or_path: str | os.PathLike, *, downloader: Optional[Downloader]
             snapshot_download: Optional[SnapshotDownload] = None) -> tuple[str, Path]:
   """Maps a model reference to (kind, local path), kind in {'gguf', 'hf', 'orbax'}."""
   s = os.fspath(name_or_path)
+  if not isinstance(s, str) or not s:
+    raise UnknownModelError(f"model name {name_or_path!r} is not a non-empty string. "
+                            f"{_accepted()}")
   if s in REGISTRY:
     return "gguf", fetch(s, downloader=downloader)
-  path = Path(s).expanduser()
-  if path.exists():
+  try:
+    path = Path(s).expanduser()
+    exists = path.exists()
+  except (OSError, RuntimeError) as e:  # a name too long for a path, an unknown ~user
+    raise UnknownModelError(f"model name '{s[:100]}' is neither a known name nor a usable "
+                            f"path ({e}). {_accepted()}") from None
+  if exists:
     return _local_kind(path), path
   if _looks_like_path(s):
     raise CheckpointError(f"no such file or directory: '{path}'. {_accepted()}")

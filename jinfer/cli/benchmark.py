@@ -8,6 +8,7 @@ What is measured and how: jinfer/benchmark.py.
 """
 
 import json
+import os
 
 from absl import flags
 
@@ -25,7 +26,8 @@ def define_flags() -> None:
       "attention_impl", "auto", ["auto", "xla", "pallas"],
       "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; "
       "interpreted, slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
-  flags.DEFINE_integer("prompt_tokens", 64, "Prompt length in tokens.", lower_bound=1)
+  flags.DEFINE_integer("prompt_tokens", 64, "Prompt length in tokens.", lower_bound=1,
+                       upper_bound=1 << 20)
   flags.DEFINE_integer("new_tokens", 128, "Tokens generated per sequence.", lower_bound=2)
   flags.DEFINE_list(
       "peers", ["transformers"], f"Peers to compare with: any of {list(KNOWN_PEERS)}, or 'none'.")
@@ -34,7 +36,7 @@ def define_flags() -> None:
   flags.DEFINE_float(
       "bandwidth_gbps", None, "Memory bandwidth for the batch-1 roofline; by default the "
       "device's HBM peak on TPU/GPU and, on CPU, the read bandwidth measured at the start of "
-      "the run.", lower_bound=0)
+      "the run.")
   flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
   flags.DEFINE_list(
       "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")
@@ -58,14 +60,28 @@ def _integers(flag: str) -> tuple[int, ...]:
 def main(argv) -> None:
   del argv
   import jinfer  # pylint: disable=g-import-not-at-top
-  from jinfer import benchmark  # pylint: disable=g-import-not-at-top
+  from jinfer import benchmark, validation  # pylint: disable=g-import-not-at-top
   from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
   cfg = benchmark.BenchConfig(
       batch_sizes=_integers("batch_sizes"), dtypes=tuple(FLAGS.dtypes),
       prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
       bandwidth_gbps=FLAGS.bandwidth_gbps, quantize=tuple(FLAGS.quantize))
   beam_widths = _integers("beam_widths")
+  # Everything is checked before the model loads and the (long) measurements start.
   benchmark.check_config(cfg, FLAGS.peers)
+  validation.check_request(all(w >= 1 for w in beam_widths),
+                           f"--beam_widths must be positive, got {list(beam_widths)}.")
+  validation.check_request(
+      all(m in benchmark.SPECULATIVE_METHODS for m in FLAGS.speculative),
+      f"--speculative takes {list(benchmark.SPECULATIVE_METHODS)}, got {FLAGS.speculative}.")
+  validation.check_request(
+      FLAGS.bandwidth_gbps is None or validation.is_number(FLAGS.bandwidth_gbps)
+      and FLAGS.bandwidth_gbps > 0, f"--bandwidth_gbps must be a finite number > 0 (or unset "
+      f"to measure it), got {FLAGS.bandwidth_gbps}.")
+  if FLAGS.json_out:
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.json_out))
+    validation.check_request(os.path.isdir(out_dir), f"--json_out: directory {out_dir!r} does "
+                             "not exist; create it or write elsewhere.")
   model = jinfer.load_model(FLAGS.model, dtype="float32", attention_impl=FLAGS.attention_impl)
   kind, path = registry.resolve(FLAGS.model)
   ctx = benchmark.PeerContext(

@@ -27,7 +27,7 @@ def main(argv) -> None:
   import jinfer  # pylint: disable=g-import-not-at-top
   from jinfer import evaluate  # pylint: disable=g-import-not-at-top
   # The file is read before the model loads: a bad path costs no load time.
-  text = evaluate.read_text_file(FLAGS.text_file) if FLAGS.text_file else None
+  text = evaluate.read_text_file(FLAGS.text_file) if FLAGS.text_file is not None else None
   model = jinfer.load_model(FLAGS.model, dtype=FLAGS.dtype, quantize=FLAGS.quantize,
                             kv_cache_dtype=FLAGS.kv_cache_dtype)
   print(f"perplexity: {jinfer.perplexity(model, text, chunk_size=FLAGS.chunk_size):.4f}")

@@ -35,10 +35,12 @@ def define_flags() -> None:
 def main(argv) -> None:
   del argv
   import jinfer  # pylint: disable=g-import-not-at-top
+  from jinfer import validation  # pylint: disable=g-import-not-at-top
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
   if not FLAGS.prompt.strip():
     raise jinfer.InvalidRequestError("--prompt is empty; pass the text to complete, e.g. "
                                      "--prompt='What is the capital of France?'.")
+  validation.text("--prompt", FLAGS.prompt)
   # The request is checked before the model loads, so a bad flag costs no load time.
   params = jinfer.SamplingParams(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                                  top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)

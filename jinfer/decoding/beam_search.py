@@ -39,6 +39,7 @@ from jinfer.validation import check_request
 # transformers' "impossible" score. Added rather than -inf so that sums stay finite and ordered.
 NEG = -1.0e9
 EARLY_STOPPING_MODES = {False: 0, True: 1, "never": 2}
+MAX_BEAM_WIDTH = 128  # beams are rows of the batch, each with its own KV cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class BeamSearchParams:
     set_("stop_token_ids", tuple(v.token_ids(
         "stop_token_ids", () if self.stop_token_ids is None else self.stop_token_ids,
         allow_empty=True)))
-    set_("beam_width", v.integer("beam_width", self.beam_width, low=1))
+    set_("beam_width", v.integer("beam_width", self.beam_width, low=1, high=MAX_BEAM_WIDTH))
     set_("max_tokens", v.integer("max_tokens", self.max_tokens, low=1))
     set_("length_penalty", v.number(
         "length_penalty", self.length_penalty,
@@ -278,6 +279,7 @@ def beam_search(model, prompts: Sequence[Prompt],
 
   Returns, per prompt, its `params.num_return_sequences` best hypotheses, best first.
   """
+  validation.model(model)
   check_request(isinstance(params, BeamSearchParams),
                 f"params must be a BeamSearchParams, got {type(params).__name__}.")
   prompt_ids = encode_prompts(model, prompts)

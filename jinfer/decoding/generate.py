@@ -288,6 +288,7 @@ def _bad_word_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
 
 
 def _prepare(model, prompts, params) -> _Batch:
+  validation.model(model)
   prompt_ids = encode_prompts(model, prompts)
   params = per_prompt_params(params, len(prompt_ids))
   for i, (ids, p) in enumerate(zip(prompt_ids, params)):
@@ -434,9 +435,9 @@ def _finish(row: _Row, token_ids: list[int], text: _RowText) -> tuple[str, Union
   return "length", None
 
 
-def _decode_all(model, b: _Batch, state, texts: list[_RowText], stats, steps_per_chunk: int):
-  """Yields the state after each chunk of steps, ending rows whose text hit a stop string."""
-  chunk = steps_per_chunk if any(r.params.stop for r in b.rows) else b.capacity
+def _decode_all(model, b: _Batch, state, texts: list[_RowText], stats, chunk: int):
+  """Yields the state after each `chunk` decode steps, ending rows whose text hit a stop
+  string."""
   seen = [0] * len(b.rows)
   while True:
     tokens_BxL, num_generated_B = np.asarray(state.tokens_BxL), np.asarray(state.num_generated_B)
@@ -479,11 +480,14 @@ def generate_with_stats(model, prompts: Sequence[Prompt],
   if speculative is not None:
     from jinfer.decoding import speculative as spec  # pylint: disable=g-import-not-at-top
     return spec.generate_with_stats(model, prompts, params, speculative)
+  steps_per_chunk = validation.integer("steps_per_chunk", steps_per_chunk, low=1)
   stats = GenerationStats()
   b = _prepare(model, prompts, params)
   texts = [_RowText(model.tokenizer, r.params.stop) for r in b.rows]
   state = _run_prefill(model, b, stats)
-  for state in _decode_all(model, b, state, texts, stats, steps_per_chunk):
+  # Stop strings are found on the host between chunks; without any, one call runs to the end.
+  chunk = min(steps_per_chunk, b.capacity) if any(r.params.stop for r in b.rows) else b.capacity
+  for state in _decode_all(model, b, state, texts, stats, chunk):
     pass
   return [_completion(model, b, state, i, text) for i, text in enumerate(texts)], stats
 
@@ -511,7 +515,9 @@ def generate_stream(model, prompts: Sequence[Prompt],
   `StreamDelta.index` is the sequence's position in what `generate` would return. The request
   is checked when this is called, before the first delta is asked for.
   """
-  b = _prepare(model, prompts, params)  # here, so a bad request raises before iteration
+  # Checked here, so a bad request raises before iteration.
+  steps_per_chunk = validation.integer("steps_per_chunk", steps_per_chunk, low=1)
+  b = _prepare(model, prompts, params)
   return _stream(model, b, steps_per_chunk)
 
 
@@ -521,7 +527,7 @@ def _stream(model, b: _Batch, steps_per_chunk: int) -> Iterator[StreamDelta]:
   sent = [0] * len(b.rows)
   finished = [False] * len(b.rows)
   state = _run_prefill(model, b, stats)
-  for state in _decode_all(model, b, state, texts, stats, steps_per_chunk):
+  for state in _decode_all(model, b, state, texts, stats, min(steps_per_chunk, b.capacity)):
     tokens_BxL, done_B = np.asarray(state.tokens_BxL), np.asarray(state.done_B)
     for i, text in enumerate(texts):
       if finished[i]:

@@ -19,6 +19,7 @@ from jinfer import validation
 
 LOGPROBS_MODES = ("raw", "processed")
 MAX_LOGPROBS = 20
+MAX_N = 128  # samples per prompt (OpenAI's limit); each is a row of the batch
 # OpenAI's range; an infinite bias would turn the sampling softmax into NaNs.
 MAX_LOGIT_BIAS = 100.0
 
@@ -68,7 +69,7 @@ class SamplingParams:
   def __post_init__(self):
     v = validation
     set_ = lambda name, value: object.__setattr__(self, name, value)
-    set_("n", v.integer("n", self.n, low=1))
+    set_("n", v.integer("n", self.n, low=1, high=MAX_N))
     set_("max_tokens", v.integer("max_tokens", self.max_tokens, low=1))
     set_("min_tokens", v.integer("min_tokens", self.min_tokens, low=0, high=self.max_tokens,
                                  hint=" (max_tokens)"))
@@ -147,7 +148,8 @@ class SamplingArrays:
       keys = jnp.where(index > 0, jax.vmap(jax.random.fold_in)(keys, index), keys)
     return cls(
         temperature=column("temperature", jnp.float32),
-        top_k=jnp.asarray([max(p.top_k, 0) for p in params], jnp.int32),
+        # top_k above the vocabulary keeps every token, as 0 does.
+        top_k=jnp.asarray([min(max(p.top_k, 0), vocab_size) for p in params], jnp.int32),
         top_p=column("top_p", jnp.float32), min_p=column("min_p", jnp.float32),
         max_tokens=column("max_tokens", jnp.int32), min_tokens=column("min_tokens", jnp.int32),
         repetition_penalty=column("repetition_penalty", jnp.float32),
@@ -265,9 +267,10 @@ def filtered_logits(logits_BxV: jax.Array, s: SamplingArrays) -> jax.Array:
   rank = jnp.arange(scaled.shape[-1])[None, :]
   in_top_k = rank < jnp.where(s.top_k > 0, s.top_k, scaled.shape[-1])[:, None]
   sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
-  # Keep a token if the tokens ranked above it hold less than top_p (so the first is always kept).
+  # Keep a token if the tokens ranked above it hold less than top_p, and always the first (a
+  # top_p that rounds to 0 in float32 must still leave a token).
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  keep_sorted = (in_top_k & (mass_before < s.top_p[:, None])
+  keep_sorted = (in_top_k & ((mass_before < s.top_p[:, None]) | (rank == 0))
                  & (sorted_probs >= s.min_p[:, None] * sorted_probs[:, :1]))
   keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(
       keep_sorted)

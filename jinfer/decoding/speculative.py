@@ -74,9 +74,10 @@ class SpeculativeConfig:
     check_request(is_integer(k) and 1 <= k <= 32,
                   f"num_draft_tokens must be an integer in [1, 32], got {k!r}.")
     if self.method == "draft_model":
-      check_request(self.draft_model is not None and hasattr(self.draft_model, "params"),
+      check_request(self.draft_model is not None,
                     "method='draft_model' needs draft_model=<a jinfer Model sharing the "
                     "tokenizer>.")
+      validation.model(self.draft_model)
     else:
       check_request(self.draft_model is None,
                     f"draft_model is only used with method='draft_model', not {self.method!r}.")
@@ -87,11 +88,11 @@ class SpeculativeConfig:
     else:
       check_request(self.draft_layers is None,
                     f"draft_layers is only used with method='self', not {self.method!r}.")
-    if self.method == "ngram":
-      check_request(is_integer(self.ngram_min) and is_integer(self.ngram_max)
-                    and 1 <= self.ngram_min <= self.ngram_max <= 16,
-                    f"need integers 1 <= ngram_min <= ngram_max <= 16, got "
-                    f"ngram_min={self.ngram_min!r}, ngram_max={self.ngram_max!r}.")
+    # Checked whatever the method: they are part of the compiled program's static settings.
+    check_request(is_integer(self.ngram_min) and is_integer(self.ngram_max)
+                  and 1 <= self.ngram_min <= self.ngram_max <= 16,
+                  f"need integers 1 <= ngram_min <= ngram_max <= 16, got "
+                  f"ngram_min={self.ngram_min!r}, ngram_max={self.ngram_max!r}.")
 
 
 # ----------------------------------------------------------------------------- the loop
