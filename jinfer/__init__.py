@@ -5,7 +5,8 @@ Public API: `load_model`, `Model`, `SamplingParams`, `generate`, `generate_strea
 """
 
 from jinfer.decoding.beam_search import BeamSearchParams, BeamSequence, beam_search
-from jinfer.decoding.generate import Completion, StreamDelta, generate, generate_stream
+from jinfer.decoding.generate import generate, generate_stream
+from jinfer.decoding.results import Completion, StreamDelta
 from jinfer.decoding.sampling import SamplingParams
 from jinfer.decoding.speculative import SpeculativeConfig
 from jinfer.errors import (CheckpointError, ChecksumMismatchError, InvalidRequestError,

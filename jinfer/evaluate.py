@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
-from jinfer.decoding.generate import bucket
+from jinfer.buckets import bucket
 from jinfer import validation
 from jinfer.errors import InvalidRequestError
 from jinfer.validation import check_request

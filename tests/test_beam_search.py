@@ -15,7 +15,7 @@ import pytest
 
 import jinfer
 from jinfer.decoding import beam_search as bs
-from jinfer.decoding.generate import bucket
+from jinfer.buckets import bucket
 from jinfer.decoding.sampling import SamplingParams
 
 EOS = 0

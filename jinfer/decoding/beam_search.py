@@ -30,11 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.decoding.generate import (_COMPILED, GenerationStats, Prompt, encode_prompts,
-                                      _stop_ids, bucket, decode_step_fn, prefill_logits)
+from jinfer.buckets import bucket
+from jinfer.decoding.programs import COMPILED, decode_step_fn, prefill_logits
+from jinfer.decoding.requests import encode_prompts, stop_ids
+from jinfer.decoding.results import GenerationStats
 from jinfer.decoding.loop import PAD_TOKEN, TokensToLogits
 from jinfer import validation
-from jinfer.validation import check_request
+from jinfer.validation import Prompt, check_request
 
 # transformers' "impossible" score. Added rather than -inf so that sums stay finite and ordered.
 NEG = -1.0e9
@@ -287,18 +289,19 @@ def beam_search(model, prompts: Sequence[Prompt],
     validation.fits_context(i, len(ids), params.max_tokens, model.config.max_seq_len)
   validation.token_ids("stop_token_ids", params.stop_token_ids, model.config.vocab_size,
                        allow_empty=True)
-  stop_ids = sorted(set(_stop_ids(model, params)))
+  stop_token_ids = sorted(set(stop_ids(model, params)))
   tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids)
   capacity = bucket(params.max_tokens)
-  stops = bucket(len(stop_ids), minimum=1)  # bucketed: more candidates never change the result
-  settings = BeamSettings.create(params, stop_ids, stops)
+  # bucketed: more candidates never change the result
+  stops = bucket(len(stop_token_ids), minimum=1)
+  settings = BeamSettings.create(params, stop_token_ids, stops)
   args = (model.params, tokens_BxT, prompt_lens_B, active_B, settings)
   static = dict(config=model.config, cache_len=tokens_BxT.shape[1] + capacity,
                 cache_dtype=jnp.dtype(model.cache_dtype), capacity=capacity,
                 width=params.beam_width,
                 num_candidates=min(1 + stops, model.config.vocab_size) * params.beam_width)
-  state = _COMPILED.get(_BEAM_PROGRAM, args, static, GenerationStats())(*args)
-  return results(model.tokenizer, jax.device_get(state), len(prompt_ids), params, stop_ids)
+  state = COMPILED.get(_BEAM_PROGRAM, args, static, GenerationStats())(*args)
+  return results(model.tokenizer, jax.device_get(state), len(prompt_ids), params, stop_token_ids)
 
 
 def results(tokenizer, state: BeamState, count: int, params: BeamSearchParams,

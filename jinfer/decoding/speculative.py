@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.cache.kv_cache import KVCache
-from jinfer.decoding.generate import (_COMPILED, Completion, GenerationStats, _finish,
-                                      per_prompt_params, _prepare, _RowText, prefill_logits)
+from jinfer.decoding.programs import COMPILED, prefill_logits
+from jinfer.decoding.requests import per_prompt_params, prepare_batch
+from jinfer.decoding.results import Completion, GenerationStats
+from jinfer.decoding.text import SequenceText, finish_reason
 from jinfer.decoding.loop import PAD_TOKEN
 from jinfer.decoding.sampling import SamplingArrays, filtered_logits, sample
 from jinfer import validation
@@ -430,7 +432,7 @@ def generate_with_stats(model, prompts, params, spec: SpeculativeConfig):
   count = len(validation.prompts(prompts, model.config.vocab_size))
   check_supported(per_prompt_params(params, count), spec)
   draft_params, draft_config = _draft_params(model, spec)
-  b = _prepare(model, prompts, params)
+  b = prepare_batch(model, prompts, params)
   static = _Static(spec.method, spec.num_draft_tokens, spec.ngram_max, spec.ngram_min,
                    draft_config)
   state = _run_prefill(model, draft_params, b, static, stats)
@@ -452,7 +454,7 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
           b.done_B)
   static_args = dict(config=model.config, static=static, cache_len=cache_len,
                      cache_dtype=jnp.dtype(model.cache_dtype), capacity=b.capacity)
-  state, seconds = _COMPILED.run(_PREFILL, args, static_args, stats)
+  state, seconds = COMPILED.run(_PREFILL, args, static_args, stats)
   stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
   return state
@@ -461,7 +463,7 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
 def _run_decode(model, draft_params, b, state, static: _Static,
                 stats: GenerationStats) -> SpecState:
   args = (model.params, draft_params, state, b.sampling)
-  state, seconds = _COMPILED.run(_DECODE, args, dict(config=model.config, static=static), stats)
+  state, seconds = COMPILED.run(_DECODE, args, dict(config=model.config, static=static), stats)
   stats.decode_s += seconds
   return state
 
@@ -470,11 +472,11 @@ def _completion(model, b, state: SpecState, i: int) -> Completion:
   row = b.rows[i]
   start, count = int(state.prompt_lens_B[i]), int(state.num_generated_B[i])
   ids = np.asarray(state.history_BxS[i, start:start + count]).tolist()
-  text = _RowText(model.tokenizer, row.params.stop)
+  text = SequenceText(model.tokenizer, row.params.stop)
   text.push(ids)  # stop strings are found and trimmed here, after decoding
   ids = ids[:text.num_tokens]
   body = text.take(final=True)
-  reason, stop_reason = _finish(row, ids, text)
+  reason, stop_reason = finish_reason(row, ids, text)
   return Completion(
       text=body, token_ids=ids,
       logprobs=np.asarray(state.logprobs_BxS[i, start:start + len(ids)]).tolist(),
