@@ -23,15 +23,15 @@ def _counting_model(tokens_B, positions_B, cache):
   return logits, cache + 1
 
 
-def _run(first_tokens, max_tokens, stop_ids, until=None, capacity=8, params=None):
+def _run(first_tokens, max_tokens, stop_ids, num_steps=None, capacity=8, params=None):
   params = params or [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
   sampling = _arrays(params, stop_ids=stop_ids)
   batch = len(first_tokens)
   first_logits = 10.0 * jax.nn.one_hot(jnp.asarray(first_tokens), VOCAB)
   state = loop.init_state(jnp.int32(0), jnp.ones(batch, jnp.int32), jnp.zeros((batch, VOCAB), bool),
                           capacity, 0, first_logits, sampling, jnp.zeros(batch, bool))
-  until = capacity if until is None else until
-  return loop.decode(_counting_model, state, sampling, jnp.int32(until))
+  num_steps = capacity if num_steps is None else num_steps
+  return loop.decode(_counting_model, state, sampling, jnp.int32(num_steps))
 
 
 def test_loop_counts_up_and_stops_per_row():
@@ -48,13 +48,14 @@ def test_loop_counts_up_and_stops_per_row():
 
 def test_loop_stops_early_when_all_rows_are_done():
   state = _run(first_tokens=[0, 0], max_tokens=[2, 3], stop_ids=[[], []])
-  assert int(state.step) == 3 and int(state.cache) == 2
+  np.testing.assert_array_equal(state.num_generated_B, [2, 3])
+  assert int(state.cache) == 2  # the loop ends with the last row, not at capacity
 
 
 def test_loop_resumes_in_chunks_with_the_same_result():
   whole = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[]])
-  partial = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[]], until=3)
-  assert int(partial.step) == 3
+  partial = _run(first_tokens=[2], max_tokens=[8], stop_ids=[[]], num_steps=2)
+  assert int(partial.num_generated_B[0]) == 3 and int(partial.cache) == 2
   sampling = _arrays([SamplingParams(max_tokens=8, temperature=0.0)])
   resumed = loop.decode(_counting_model, partial, sampling, jnp.int32(8))
   np.testing.assert_array_equal(resumed.tokens_BxL, whole.tokens_BxL)
@@ -164,3 +165,11 @@ def test_generate_rejects_bad_requests(tiny_model):
     jinfer.generate(tiny_model, ["a"], SamplingParams(max_tokens=10_000))
   with pytest.raises(jinfer.InvalidRequestError, match="outside"):
     jinfer.generate(tiny_model, [[1, 2, 999]])
+
+
+def test_stream_delivers_every_chunk_without_stop_strings(tiny_model):
+  """Deltas arrive every steps_per_chunk steps whether or not the request has stop strings."""
+  params = jinfer.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+  deltas = list(jinfer.generate_stream(tiny_model, [[1, 2]], params, steps_per_chunk=2))
+  sizes = [len(d.token_ids) for d in deltas]
+  assert sum(sizes) == 12 and max(sizes) <= 2 and len(sizes) >= 6, sizes

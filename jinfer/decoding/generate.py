@@ -45,8 +45,8 @@ def run_prefill(model, b: PreparedBatch, stats: GenerationStats) -> loop.DecodeS
   return state
 
 
-def _run_decode(model, b: PreparedBatch, state, until_step: int, stats) -> loop.DecodeState:
-  args = (model.params, state, b.sampling, jnp.int32(until_step))
+def _run_decode(model, b: PreparedBatch, state, num_steps: int, stats) -> loop.DecodeState:
+  args = (model.params, state, b.sampling, jnp.int32(num_steps))
   generated_before = int(state.num_generated_B[:len(b.rows)].sum())
   state, seconds = programs.COMPILED.run(programs.DECODE, args, dict(config=model.config), stats)
   stats.decode_s += seconds
@@ -71,7 +71,7 @@ def _decode_all(model, b: PreparedBatch, state, texts: list[SequenceText], stats
     yield state
     if done_B.all():
       return
-    state = _run_decode(model, b, state, int(state.step) + chunk, stats)
+    state = _run_decode(model, b, state, chunk, stats)
 
 
 def _completion(model, b: PreparedBatch, state, i: int, text: SequenceText) -> Completion:

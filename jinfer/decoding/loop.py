@@ -1,5 +1,8 @@
 """The sampling loop: a `lax.while_loop` over a `DecodeState`, seeing the model only through
 `tokens_to_logits(tokens [B], positions [B], cache) -> (logits [B, V], cache)`.
+
+Every row keeps its own progress (`num_generated_B`: the column of its next token, its position
+and its RNG step); there is no batch-wide step, so a row can be refilled while the others run.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ class DecodeState:
   """Everything the loop carries. L is the capacity for generated tokens, N the top-logprobs."""
 
   cache: Any
-  step: jax.Array  # scalar: index of the next token to generate
   tokens_BxL: jax.Array  # generated ids, PAD_TOKEN where none
   logprobs_BxL: jax.Array  # log-probability of each generated id (raw or processed, per row)
   top_ids_BxLxN: jax.Array  # the N most likely ids at each step
   top_logprobs_BxLxN: jax.Array
-  num_generated_B: jax.Array
+  num_generated_B: jax.Array  # tokens generated so far: the column of the row's next token
   done_B: jax.Array
   prompt_lens_B: jax.Array
   prompt_mask_BxV: jax.Array  # bool: token occurs in the prompt (repetition penalty)
@@ -61,34 +63,39 @@ def _reported_log_probs(raw_BxV, processed_BxV, s: SamplingArrays, tokens_B: jax
 
 
 def _recent_tokens(state: DecodeState, count: int) -> jax.Array:
-  """[B, count]: the last `count` generated tokens, right-aligned, PAD_TOKEN before the first."""
-  batch = state.tokens_BxL.shape[0]
-  padded = jnp.concatenate([jnp.full((batch, count), PAD_TOKEN, jnp.int32), state.tokens_BxL], 1)
-  return jax.lax.dynamic_slice(padded, (0, state.step), (batch, count))
+  """[B, count]: each row's last `count` generated tokens, right-aligned, PAD_TOKEN before the
+  first."""
+  columns_BxR = state.num_generated_B[:, None] - count + jnp.arange(count)
+  recent_BxR = jnp.take_along_axis(state.tokens_BxL, jnp.maximum(columns_BxR, 0), axis=1)
+  return jnp.where(columns_BxR >= 0, recent_BxR, PAD_TOKEN)
 
 
 def _record(state: DecodeState, logits_BxV, sampling: SamplingArrays) -> DecodeState:
-  """Samples the token at `state.step` for rows still running and updates their done flags."""
+  """Samples each running row's next token (at its column `num_generated_B`) and updates the
+  done flags; finished rows change nothing."""
   processed_BxV = process_logits(logits_BxV, sampling, state.output_counts_BxV,
                                  state.prompt_mask_BxV, state.num_generated_B,
                                  _recent_tokens(state, sampling.bad_prefix_BxWxR.shape[-1]))
-  tokens_B = sample(processed_BxV, sampling, state.step)
+  tokens_B = sample(processed_BxV, sampling, state.num_generated_B)
   top_ids_BxLxN, top_logprobs_BxLxN = state.top_ids_BxLxN, state.top_logprobs_BxLxN
   chosen_B, top_values_BxN, top_ids_BxN = _reported_log_probs(
       logits_BxV, processed_BxV, sampling, tokens_B, top_ids_BxLxN.shape[-1])
   active_B = ~state.done_B
-  column = state.step
+  capacity = state.tokens_BxL.shape[1]
+  # Finished rows write past the end, which drops the write.
+  column_B = jnp.where(active_B, state.num_generated_B, capacity)
   rows = jnp.arange(tokens_B.shape[0])
-  tokens_BxL = state.tokens_BxL.at[:, column].set(jnp.where(active_B, tokens_B, PAD_TOKEN))
-  logprobs_BxL = state.logprobs_BxL.at[:, column].set(jnp.where(active_B, chosen_B, 0.0))
+  tokens_BxL = state.tokens_BxL.at[rows, column_B].set(tokens_B, mode="drop")
+  logprobs_BxL = state.logprobs_BxL.at[rows, column_B].set(chosen_B, mode="drop")
   if top_ids_BxLxN.shape[-1]:
-    top_ids_BxLxN = top_ids_BxLxN.at[:, column].set(top_ids_BxN)
-    top_logprobs_BxLxN = top_logprobs_BxLxN.at[:, column].set(top_values_BxN)
+    top_ids_BxLxN = top_ids_BxLxN.at[rows, column_B].set(top_ids_BxN, mode="drop")
+    top_logprobs_BxLxN = top_logprobs_BxLxN.at[rows, column_B].set(top_values_BxN, mode="drop")
   num_generated_B = state.num_generated_B + active_B
   output_counts_BxV = state.output_counts_BxV.at[rows, tokens_B].add(active_B.astype(jnp.int32))
   hit_stop_B = sampling.stop_mask_BxV[rows, tokens_B]
-  done_B = state.done_B | hit_stop_B | (num_generated_B >= sampling.max_tokens)
-  return state.replace(step=state.step + 1, tokens_BxL=tokens_BxL, logprobs_BxL=logprobs_BxL,
+  done_B = (state.done_B | hit_stop_B | (num_generated_B >= sampling.max_tokens)
+            | (num_generated_B >= capacity))
+  return state.replace(tokens_BxL=tokens_BxL, logprobs_BxL=logprobs_BxL,
                        top_ids_BxLxN=top_ids_BxLxN, top_logprobs_BxLxN=top_logprobs_BxLxN,
                        num_generated_B=num_generated_B, done_B=done_B,
                        output_counts_BxV=output_counts_BxV)
@@ -100,8 +107,7 @@ def init_state(cache, prompt_lens_B: jax.Array, prompt_mask_BxV: jax.Array, capa
   """The state after the prompt: the first token sampled from the prefill logits."""
   batch, vocab = prompt_mask_BxV.shape
   state = DecodeState(
-      cache=cache, step=jnp.zeros((), jnp.int32),
-      tokens_BxL=jnp.full((batch, capacity), PAD_TOKEN, jnp.int32),
+      cache=cache, tokens_BxL=jnp.full((batch, capacity), PAD_TOKEN, jnp.int32),
       logprobs_BxL=jnp.zeros((batch, capacity), jnp.float32),
       top_ids_BxLxN=jnp.zeros((batch, capacity, num_top_logprobs), jnp.int32),
       top_logprobs_BxLxN=jnp.zeros((batch, capacity, num_top_logprobs), jnp.float32),
@@ -111,18 +117,21 @@ def init_state(cache, prompt_lens_B: jax.Array, prompt_mask_BxV: jax.Array, capa
 
 
 def decode(tokens_to_logits: TokensToLogits, state: DecodeState, sampling: SamplingArrays,
-           until_step: jax.Array) -> DecodeState:
-  """Generates until every row is done, the buffer is full, or `step == until_step`."""
-  capacity = state.tokens_BxL.shape[1]
+           num_steps: jax.Array) -> DecodeState:
+  """Runs up to `num_steps` steps, fewer if every row is done (at its stop token, max_tokens or
+  the buffer's end) before."""
 
-  def cond(s: DecodeState):
-    return (s.step < jnp.minimum(until_step, capacity)) & ~jnp.all(s.done_B)
+  def cond(carry):
+    step, s = carry
+    return (step < num_steps) & ~jnp.all(s.done_B)
 
-  def body(s: DecodeState):
-    previous_B = jnp.maximum(s.tokens_BxL[:, s.step - 1], 0)
-    # Finished rows keep re-writing their last slot: harmless, and never past the cache's end.
-    positions_B = s.prompt_lens_B + jnp.minimum(s.step, s.num_generated_B) - 1
+  def body(carry):
+    step, s = carry
+    last_B = jnp.maximum(s.num_generated_B - 1, 0)[:, None]
+    previous_B = jnp.maximum(jnp.take_along_axis(s.tokens_BxL, last_B, axis=1)[:, 0], 0)
+    # Finished rows keep re-writing their last position: harmless, and never past the cache.
+    positions_B = s.prompt_lens_B + s.num_generated_B - 1
     logits_BxV, cache = tokens_to_logits(previous_B, positions_B, s.cache)
-    return _record(s.replace(cache=cache), logits_BxV, sampling)
+    return step + 1, _record(s.replace(cache=cache), logits_BxV, sampling)
 
-  return jax.lax.while_loop(cond, body, state)
+  return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))[1]

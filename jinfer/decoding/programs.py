@@ -89,8 +89,9 @@ def init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache
                          capacity, num_top_logprobs, logits_PxV[row_prompt_B], sampling, done_B)
 
 
-def decode_chunk(params, state, sampling, until_step, *, config):
-  return loop.decode(decode_step_fn(params, config), state, sampling, until_step)
+def decode_chunk(params, state, sampling, num_steps, *, config):
+  """Up to `num_steps` decode steps of every row (see `loop.decode`)."""
+  return loop.decode(decode_step_fn(params, config), state, sampling, num_steps)
 
 
 PREFILL = jax.jit(prefill, static_argnames=("config", "cache_len", "cache_dtype", "capacity",

@@ -280,12 +280,14 @@ def filtered_logits(logits_BxV: jax.Array, s: SamplingArrays) -> jax.Array:
 def sample(logits_BxV: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
   """Next token per row: argmax where temperature is 0, else a draw from the filtered softmax.
 
-  Row b draws with fold_in(key_b, step), so its samples depend only on its own seed and step.
+  Row b draws with fold_in(key_b, step[b]) (`step`: [B], or a scalar for every row), so its
+  samples depend only on its own seed and how many tokens it has generated.
   """
   greedy = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
   def draw(_):
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.rng_keys, step)
+    step_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), s.rng_keys.shape)
+    keys = jax.vmap(jax.random.fold_in)(s.rng_keys, step_B)
     drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits_BxV, s))
     return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
 
