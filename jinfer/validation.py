@@ -189,11 +189,12 @@ def prompts(value, vocab_size: Optional[int] = None) -> list[Prompt]:
   return out
 
 
-def fits_context(index: int, prompt_len: int, max_tokens: int, context: int) -> None:
-  """Prompt `index` and the tokens it asks for must fit the model's context window."""
+def fits_context(index: int, prompt_len: int, max_tokens: int, context: int,
+                 limit: str = "the model's context") -> None:
+  """Prompt `index` and the tokens it asks for must fit the context window (`limit` names it)."""
   check_request(prompt_len + max_tokens <= context,
                 f"prompt {index} has {prompt_len} tokens and asks for max_tokens={max_tokens}, "
-                f"more than the model's context of {context}; shorten the prompt or max_tokens.")
+                f"more than {limit} of {context}; shorten the prompt or max_tokens.")
 
 
 def model(value) -> None:

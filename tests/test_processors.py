@@ -54,7 +54,7 @@ def test_logit_bias_and_allowed_token_ids():
 def test_processors_are_skipped_only_when_no_row_uses_one(params, processes):
   """Decode steps skip the processors when no row of the batch uses one (sampling filters are
   not processors); one row using one turns them on for the batch, leaving the others' unchanged."""
-  assert bool(_arrays([SamplingParams(), params]).processes_logits) == processes
+  assert bool(_arrays([SamplingParams(), params]).processes_logits_B.any()) == processes
   logits = np.random.default_rng(0).standard_normal((2, V)).astype(np.float32)
   counts = np.zeros((2, V), np.int32)
   counts[:, 3] = 1

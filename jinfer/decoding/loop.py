@@ -101,18 +101,26 @@ def _record(state: DecodeState, logits_BxV, sampling: SamplingArrays) -> DecodeS
                        output_counts_BxV=output_counts_BxV)
 
 
+def empty_state(cache, batch: int, vocab: int, capacity: int, num_top_logprobs: int) -> DecodeState:
+  """A state of `batch` finished rows with nothing generated (an engine's empty slots)."""
+  return DecodeState(
+      cache=cache, tokens_BxL=jnp.full((batch, capacity), PAD_TOKEN, jnp.int32),
+      logprobs_BxL=jnp.zeros((batch, capacity), jnp.float32),
+      top_ids_BxLxN=jnp.zeros((batch, capacity, num_top_logprobs), jnp.int32),
+      top_logprobs_BxLxN=jnp.zeros((batch, capacity, num_top_logprobs), jnp.float32),
+      num_generated_B=jnp.zeros((batch,), jnp.int32), done_B=jnp.ones((batch,), bool),
+      prompt_lens_B=jnp.ones((batch,), jnp.int32),
+      prompt_mask_BxV=jnp.zeros((batch, vocab), bool),
+      output_counts_BxV=jnp.zeros((batch, vocab), jnp.int32))
+
+
 def init_state(cache, prompt_lens_B: jax.Array, prompt_mask_BxV: jax.Array, capacity: int,
                num_top_logprobs: int, first_logits_BxV: jax.Array, sampling: SamplingArrays,
                done_B: jax.Array) -> DecodeState:
   """The state after the prompt: the first token sampled from the prefill logits."""
   batch, vocab = prompt_mask_BxV.shape
-  state = DecodeState(
-      cache=cache, tokens_BxL=jnp.full((batch, capacity), PAD_TOKEN, jnp.int32),
-      logprobs_BxL=jnp.zeros((batch, capacity), jnp.float32),
-      top_ids_BxLxN=jnp.zeros((batch, capacity, num_top_logprobs), jnp.int32),
-      top_logprobs_BxLxN=jnp.zeros((batch, capacity, num_top_logprobs), jnp.float32),
-      num_generated_B=jnp.zeros((batch,), jnp.int32), done_B=done_B, prompt_lens_B=prompt_lens_B,
-      prompt_mask_BxV=prompt_mask_BxV, output_counts_BxV=jnp.zeros((batch, vocab), jnp.int32))
+  state = empty_state(cache, batch, vocab, capacity, num_top_logprobs).replace(
+      done_B=done_B, prompt_lens_B=prompt_lens_B, prompt_mask_BxV=prompt_mask_BxV)
   return _record(state, first_logits_BxV, sampling)
 
 

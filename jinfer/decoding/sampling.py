@@ -129,18 +129,19 @@ class SamplingArrays:
   bad_prefix_BxWxR: jax.Array  # each bad word but its last token, right-aligned; ANY pads
   bad_last_BxW: jax.Array  # each bad word's last token; -1 for padding words
   rng_keys: jax.Array  # [B] typed PRNG keys, one per row
-  # bool scalar: some row uses a logits processor (bias, allowed ids, bad words, min_tokens or a
-  # penalty); when none does, decode steps skip them.
-  processes_logits: jax.Array
+  # bool: the row uses a logits processor (bias, allowed ids, bad words, min_tokens or a
+  # penalty); when no row does, decode steps skip them.
+  processes_logits_B: jax.Array
 
   @classmethod
   def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
                   stop_ids: Sequence[Sequence[int]], vocab_size: int,
                   sample_index: Optional[Sequence[int]] = None,
                   bad_word_ids: Optional[Sequence[Sequence[Sequence[int]]]] = None,
-                  ) -> "SamplingArrays":
+                  bad_word_shape: Optional[tuple[int, int]] = None) -> "SamplingArrays":
     """`stop_ids[b]` end row b; `sample_index[b]` tells apart the n samples of one prompt;
-    `bad_word_ids[b]` are row b's bad words as token-id sequences."""
+    `bad_word_ids[b]` are row b's bad words as token-id sequences, padded to `bad_word_shape`
+    (words, prefix tokens) when given (an engine's fixed shapes), else to powers of two."""
     column = lambda name, dtype: jnp.asarray([getattr(p, name) for p in params], dtype)
     keys = seed_keys(seeds)
     if sample_index is not None and any(sample_index):
@@ -158,10 +159,11 @@ class SamplingArrays:
         processed_logprobs=jnp.asarray([p.logprobs_mode == "processed" for p in params]),
         logit_bias_BxV=jnp.asarray(np.stack([_bias_row(p, vocab_size) for p in params])),
         stop_mask_BxV=jnp.asarray(np.stack([_mask_row(ids, vocab_size) for ids in stop_ids])),
-        **_bad_word_arrays(bad_word_ids or [[]] * len(params)),
+        **_bad_word_arrays(bad_word_ids or [[]] * len(params), bad_word_shape),
         rng_keys=keys,
-        processes_logits=jnp.asarray(any(map(_uses_processors, params))
-                                     or any(map(bool, bad_word_ids or ()))))
+        processes_logits_B=jnp.asarray([
+            _uses_processors(p) or bool(words)
+            for p, words in zip(params, bad_word_ids or [[]] * len(params))]))
 
 
 def seed_keys(seeds: Sequence[int]) -> jax.Array:
@@ -182,12 +184,17 @@ def _uses_processors(p: SamplingParams) -> bool:
 ANY_TOKEN = -2  # matches every token in a bad word's right-aligned prefix
 
 
-def _bad_word_arrays(words_per_row: Sequence[Sequence[Sequence[int]]]) -> dict[str, jax.Array]:
-  """Pads bad words to [B, W, R] prefixes and [B, W] last tokens (W, R powers of two or 0)."""
-  num_words = max(map(len, words_per_row))
-  num_words = 0 if num_words == 0 else 1 << (num_words - 1).bit_length()
-  longest = max((len(w) for words in words_per_row for w in words), default=1)
-  prefix_len = 0 if longest <= 1 else 1 << (longest - 2).bit_length()
+def _bad_word_arrays(words_per_row: Sequence[Sequence[Sequence[int]]],
+                     shape: Optional[tuple[int, int]] = None) -> dict[str, jax.Array]:
+  """Pads bad words to [B, W, R] prefixes and [B, W] last tokens: (W, R) = `shape`, or powers of
+  two (or 0) that fit them."""
+  if shape is None:
+    num_words = max(map(len, words_per_row))
+    num_words = 0 if num_words == 0 else 1 << (num_words - 1).bit_length()
+    longest = max((len(w) for words in words_per_row for w in words), default=1)
+    prefix_len = 0 if longest <= 1 else 1 << (longest - 2).bit_length()
+  else:
+    num_words, prefix_len = shape
   prefix = np.full((len(words_per_row), num_words, prefix_len), ANY_TOKEN, np.int32)
   last = np.full((len(words_per_row), num_words), -1, np.int32)
   for b, words in enumerate(words_per_row):
@@ -236,7 +243,7 @@ def process_logits(logits_BxV: jax.Array, s: SamplingArrays, output_counts_BxV: 
   right-aligned, with -1 where fewer were generated.
   """
   logits = logits_BxV.astype(jnp.float32)
-  return jax.lax.cond(s.processes_logits, _apply_processors, lambda *_: logits, logits, s,
+  return jax.lax.cond(jnp.any(s.processes_logits_B), _apply_processors, lambda *_: logits, logits, s,
                       output_counts_BxV, prompt_mask_BxV, num_generated_B, recent_BxR)
 
 

@@ -1,0 +1,330 @@
+"""`Engine`: continuous batching over one long-lived paged KV pool.
+
+Requests are added and aborted at any time; each `step()` runs what the scheduler planned
+(prefill chunks, then `steps_per_call` decode steps of every running slot in one on-device loop)
+and returns what each sequence produced since the last step. A request's tokens do not depend
+on what else is running (per-slot settings, seeds and progress), on when it arrived, on
+preemption or on how its prompt was chunked.
+
+    engine = jinfer.Engine(model, max_num_seqs=16)
+    rid = engine.add_request("Once upon a time", jinfer.SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+      for out in engine.step():
+        print(out.request_id, out.text, out.finish_reason)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer import validation
+from jinfer.buckets import bucket
+from jinfer.cache.page_allocator import NO_PAGE, pages_for
+from jinfer.cache.paged_kv_cache import PagedKVCache
+from jinfer.decoding import loop
+from jinfer.decoding.requests import SequenceRow, bad_word_ids, encode_prompts, stop_ids
+from jinfer.decoding.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams
+from jinfer.decoding.text import SequenceText, finish_reason
+from jinfer.engine import programs
+from jinfer.engine.scheduler import Scheduler, Sequence, Status
+from jinfer.validation import Prompt, check_request
+
+# Bad words an engine request may carry (each counted with and without a leading space), and
+# tokens per bad word: fixed so that the slot arrays keep one shape.
+MAX_BAD_WORD_VARIANTS = 16
+MAX_BAD_WORD_TOKENS = 8
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """What one sequence of a request produced in a step: `token_ids` and `text` are new since
+  its last output; `finish_reason` ('stop', 'length' or 'abort') is set on its last one.
+  `index` tells apart the n samples of a request."""
+
+  request_id: str
+  index: int
+  token_ids: list[int]
+  text: str
+  logprobs: list[float]
+  top_logprobs: Optional[list[dict[int, float]]] = None
+  finish_reason: Optional[str] = None
+  stop_reason: Union[int, str, None] = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Sample:
+  """One sequence of a request: its scheduling record, text and per-slot settings."""
+
+  request_id: str
+  row: SequenceRow  # prompt index unused; `index` is the sample's
+  seq: Sequence
+  text: SequenceText
+  sampling_row: SamplingArrays  # one row
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+  sent: int = 0  # tokens already returned in a RequestOutput
+
+
+class Engine:
+  """Continuous batching of one model (see the module docstring).
+
+  `max_num_seqs` slots decode together. The KV pool holds `num_pages` pages of `page_size`
+  tokens (default: enough for every slot at half of `max_model_len`, within
+  `kv_cache_bytes`); a sequence gets pages as it grows. `max_batched_tokens` bounds the tokens
+  of one step (decode tokens first, prefill chunks fill the rest); `steps_per_call` decode
+  steps run per host round trip.
+  """
+
+  def __init__(self, model, *, max_num_seqs: int = 64, page_size: int = 16,
+               num_pages: Optional[int] = None, max_model_len: Optional[int] = None,
+               max_batched_tokens: int = 512, steps_per_call: int = 4,
+               max_logprobs: int = MAX_LOGPROBS, kv_cache_bytes: int = 2 << 30):
+    validation.model(model)
+    self.model = model
+    config = model.config
+    self.max_num_seqs = validation.integer("max_num_seqs", max_num_seqs, low=1, high=4096)
+    self.page_size = validation.integer("page_size", page_size, low=1)
+    self.max_model_len = validation.integer(
+        "max_model_len", config.max_seq_len if max_model_len is None else max_model_len,
+        low=2, high=config.max_seq_len, hint=" (the model's context)")
+    self.steps_per_call = validation.integer("steps_per_call", steps_per_call, low=1, high=256)
+    self.max_batched_tokens = validation.integer(
+        "max_batched_tokens", max_batched_tokens, low=self.max_num_seqs + 1,
+        hint=" (more than max_num_seqs, so that prefill always gets tokens)")
+    self.max_logprobs = validation.integer("max_logprobs", max_logprobs, low=0, high=MAX_LOGPROBS)
+    self.max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
+    page_bytes = _page_bytes(config, self.page_size, model.cache_dtype)
+    if num_pages is None:
+      wanted = self.max_num_seqs * max(self.max_pages_per_seq // 2, 1)
+      num_pages = max(min(wanted, kv_cache_bytes // page_bytes), self.max_pages_per_seq)
+    self.num_pages = validation.integer(
+        "num_pages", num_pages, low=self.max_pages_per_seq,
+        hint=f" (at least one sequence of max_model_len={self.max_model_len} must fit)")
+    self._scheduler = Scheduler(num_slots=self.max_num_seqs, num_pages=self.num_pages,
+                                page_size=self.page_size,
+                                max_batched_tokens=self.max_batched_tokens,
+                                lookahead=self.steps_per_call)
+    self._state = self._empty_state()
+    self._pushed_tables = None
+    self._requests: dict[str, list[_Sample]] = {}
+    self._by_seq: dict[int, _Sample] = {}
+    self._ids = itertools.count()
+    self._seq_ids = itertools.count()
+    self._lock = threading.Lock()  # add_request/abort may come from another thread
+    self._aborted: list[_Sample] = []  # ended by abort, their last output not returned yet
+    self.generated_tokens = 0
+
+  # ----------------------------------------------------------------------------- public API
+
+  def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                  request_id: Optional[str] = None) -> str:
+    """Queues a prompt (text or token ids); returns its request id. Checked here: a bad request
+    raises InvalidRequestError and nothing else changes."""
+    params = SamplingParams() if params is None else params
+    check_request(isinstance(params, SamplingParams),
+                  f"params must be a SamplingParams, got {type(params).__name__}.")
+    (prompt_ids,) = encode_prompts(self.model, [prompt])
+    params.check_vocab(self.model.config.vocab_size)
+    validation.fits_context(0, len(prompt_ids), params.max_tokens, self.max_model_len,
+                            "this engine's max_model_len")
+    check_request((params.logprobs or 0) <= self.max_logprobs,
+                  f"logprobs={params.logprobs} is more than this engine's max_logprobs="
+                  f"{self.max_logprobs}; ask for fewer or raise max_logprobs.")
+    words = bad_word_ids(self.model.tokenizer, params.bad_words)
+    check_request(len(words) <= MAX_BAD_WORD_VARIANTS and
+                  all(len(w) <= MAX_BAD_WORD_TOKENS for w in words),
+                  f"bad_words must give at most {MAX_BAD_WORD_VARIANTS // 2} words of at most "
+                  f"{MAX_BAD_WORD_TOKENS} tokens each in the engine.")
+    with self._lock:
+      if request_id is None:
+        request_id = f"req-{next(self._ids)}"
+      check_request(isinstance(request_id, str) and request_id not in self._requests,
+                    f"request_id {request_id!r} must be a new string.")
+      seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
+      stops = stop_ids(self.model, params)
+      samples = []
+      for index in range(params.n):
+        seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=prompt_ids,
+                       max_tokens=params.max_tokens)
+        sampling_row = SamplingArrays.from_params(
+            [params], [seed], [stops], self.model.config.vocab_size, sample_index=[index],
+            bad_word_ids=[words], bad_word_shape=(MAX_BAD_WORD_VARIANTS, MAX_BAD_WORD_TOKENS - 1))
+        samples.append(_Sample(request_id, SequenceRow(0, index, params, stops), seq,
+                               SequenceText(self.model.tokenizer, params.stop), sampling_row))
+      self._requests[request_id] = samples
+      for sample in samples:
+        self._by_seq[sample.seq.seq_id] = sample
+        self._scheduler.add(sample.seq)
+    return request_id
+
+  def abort(self, request_id: str) -> None:
+    """Ends a request at once: its pages and slots are free before the next step, which
+    returns its last output with finish_reason 'abort'. Unknown or finished ids are ignored."""
+    with self._lock:
+      for sample in self._requests.pop(request_id, ()):
+        if sample.seq.status is not Status.FINISHED:
+          self._scheduler.finish(sample.seq)
+          self._aborted.append(sample)
+        self._by_seq.pop(sample.seq.seq_id, None)
+
+  def has_unfinished(self) -> bool:
+    return self._scheduler.has_unfinished() or bool(self._aborted)
+
+  def step(self) -> list[RequestOutput]:
+    """Runs one scheduled step; returns an output for every sequence that advanced."""
+    with self._lock:
+      outputs = [RequestOutput(request_id=s.request_id, index=s.row.index, token_ids=[], text="",
+                               logprobs=[], finish_reason="abort") for s in self._aborted]
+      self._aborted.clear()
+      plan = self._scheduler.schedule()
+      self._sync()
+      advanced = []
+      for chunk in plan.prefill:
+        sample = self._by_seq[chunk.seq.seq_id]
+        self._prefill(chunk)
+        if chunk.completes:
+          advanced.append(sample)
+      if any(s.seq.status is Status.FINISHED for s in advanced):
+        self._sync()
+      running = [self._by_seq[s.seq_id] for s in plan.decode if s.status is Status.RUNNING]
+      if running:
+        self._decode(running)
+        advanced += [s for s in running if s not in advanced]
+      outputs += [self._output(s) for s in advanced]
+      return outputs
+
+  def metrics(self) -> dict:
+    s = self._scheduler
+    return {"num_running": s.num_running, "num_waiting": s.num_waiting,
+            "num_preemptions": s.num_preemptions, "free_pages": s.pages.num_free,
+            "total_pages": s.pages.num_pages, "generated_tokens": self.generated_tokens}
+
+  # ----------------------------------------------------------------------------- device work
+
+  def _empty_state(self) -> programs.EngineState:
+    config, b = self.model.config, self.max_num_seqs
+    cache = PagedKVCache.init(config, self.num_pages, self.page_size, b, self.max_pages_per_seq,
+                              jnp.dtype(self.model.cache_dtype),
+                              attention_impl=self.model.attention_impl)
+    decode = loop.empty_state(cache, b, config.vocab_size, self.max_model_len, self.max_logprobs)
+    idle = SamplingParams(max_tokens=1, temperature=0.0)
+    sampling = SamplingArrays.from_params(
+        [idle] * b, [0] * b, [[]] * b, config.vocab_size,
+        bad_word_shape=(MAX_BAD_WORD_VARIANTS, MAX_BAD_WORD_TOKENS - 1))
+    # Distinct buffers (init shares one zeros array between K and V), so programs can donate
+    # and update the state in place.
+    return jax.tree.map(jnp.copy, programs.EngineState(decode=decode, sampling=sampling))
+
+  def _sync(self) -> None:
+    """Pushes the page tables, and stops every slot that is not decoding."""
+    tables_BxM = np.full((self.max_num_seqs, self.max_pages_per_seq), NO_PAGE, np.int32)
+    stop_B = np.ones((self.max_num_seqs,), bool)
+    for sample in self._by_seq.values():
+      seq = sample.seq
+      if seq.slot is not None:
+        tables_BxM[seq.slot, :len(seq.pages)] = seq.pages
+        stop_B[seq.slot] = seq.status is not Status.RUNNING
+    key = (tables_BxM.tobytes(), stop_B.tobytes())
+    if key != self._pushed_tables:
+      self._state = programs.sync(self._state, tables_BxM, stop_B)
+      self._pushed_tables = key
+
+  def _prefill(self, chunk) -> None:
+    sample, seq = self._by_seq[chunk.seq.seq_id], chunk.seq
+    target = seq.prefill_target
+    tokens_C = np.zeros((bucket(chunk.length),), np.int32)
+    tokens_C[:chunk.length] = target[chunk.start:chunk.start + chunk.length]
+    logits_V, self._state = programs.prefill_chunk(
+        self.model.params, self._state, tokens_C, np.int32(chunk.start), np.int32(chunk.length),
+        np.int32(seq.slot), config=self.model.config)
+    if not chunk.completes:
+      return
+    vocab = self.model.config.vocab_size
+    prompt_mask_V = np.zeros((vocab,), bool)
+    prompt_mask_V[seq.prompt_ids] = True
+    prompt_len = np.int32(len(seq.prompt_ids))
+    if seq.generated:  # resumed after a preemption: the same continuation, nothing re-sampled
+      tokens_L = np.full((self.max_model_len,), loop.PAD_TOKEN, np.int32)
+      tokens_L[:len(seq.generated)] = seq.generated
+      counts_V = np.bincount(seq.generated, minlength=vocab).astype(np.int32)
+      self._state = programs.restore(self._state, np.int32(seq.slot), prompt_len, prompt_mask_V,
+                                     tokens_L, np.int32(len(seq.generated)), counts_V,
+                                     sample.sampling_row)
+      return
+    self._state, token, logprob, top_ids, top_values = programs.insert(
+        self._state, np.int32(seq.slot), logits_V, prompt_len, prompt_mask_V, sample.sampling_row)
+    self._record(sample, [int(token)], [float(logprob)], np.asarray(top_ids)[None],
+                 np.asarray(top_values)[None])
+
+  def _decode(self, running: list[_Sample]) -> None:
+    self._sync()
+    widest = max(len(s.seq.pages) for s in running)
+    width = min(bucket(widest, minimum=1), self.max_pages_per_seq)
+    before = {id(s): len(s.seq.generated) for s in running}
+    self._state, tokens_BxK, logprobs_BxK, top_ids, top_values = programs.generate(
+        self.model.params, self._state, config=self.model.config,
+        num_steps=self.steps_per_call, table_width=width)
+    num_generated_B = np.asarray(self._state.decode.num_generated_B)
+    tokens_BxK, logprobs_BxK = np.asarray(tokens_BxK), np.asarray(logprobs_BxK)
+    top_ids, top_values = np.asarray(top_ids), np.asarray(top_values)
+    for sample in running:
+      slot = sample.seq.slot
+      new = int(num_generated_B[slot]) - before[id(sample)]
+      self._scheduler.advance(sample.seq, new)
+      self._record(sample, tokens_BxK[slot, :new].tolist(), logprobs_BxK[slot, :new].tolist(),
+                   top_ids[slot, :new], top_values[slot, :new])
+
+  def _record(self, sample: _Sample, tokens, logprobs, top_ids, top_values) -> None:
+    """Appends new tokens to a sequence (up to a stop string) and finishes it when done."""
+    seq, n = sample.seq, sample.row.params.logprobs
+    for i, token in enumerate(tokens):
+      sample.text.push([token])
+      if sample.text.num_tokens == len(seq.generated):
+        break  # a stop string ended the text: later tokens are dropped
+      seq.generated.append(token)
+      sample.logprobs.append(logprobs[i])
+      if n is not None:
+        sample.top_logprobs.append(dict(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist())))
+      self.generated_tokens += 1
+    ids = seq.generated
+    if (sample.text.stop is not None or len(ids) >= seq.max_tokens
+        or (ids and ids[-1] in sample.row.stop_ids)):
+      self._scheduler.finish(seq)
+
+  # ----------------------------------------------------------------------------- outputs
+
+  def _output(self, sample: _Sample) -> RequestOutput:
+    seq = sample.seq
+    done = seq.status is Status.FINISHED
+    new = slice(sample.sent, len(seq.generated))
+    sample.sent = len(seq.generated)
+    reason = stop_reason = None
+    if done:
+      reason, stop_reason = finish_reason(sample.row, seq.generated, sample.text)
+      self._forget(sample)
+    return RequestOutput(
+        request_id=sample.request_id, index=sample.row.index, token_ids=seq.generated[new],
+        text=sample.text.take(final=done), logprobs=sample.logprobs[new],
+        top_logprobs=(sample.top_logprobs[new] if sample.row.params.logprobs is not None
+                      else None), finish_reason=reason, stop_reason=stop_reason)
+
+  def _forget(self, sample: _Sample) -> None:
+    self._by_seq.pop(sample.seq.seq_id, None)
+    samples = self._requests.get(sample.request_id, [])
+    if all(s.seq.status is Status.FINISHED for s in samples):
+      self._requests.pop(sample.request_id, None)
+
+
+def _page_bytes(config, page_size: int, cache_dtype) -> int:
+  """KV bytes of one page in every layer (K and V; int8 pages carry float32 scales)."""
+  per_token = 2 * config.n_layers * config.n_kv_heads
+  if jnp.dtype(cache_dtype) == jnp.int8:
+    return per_token * page_size * (config.head_dim + 4)
+  return per_token * page_size * config.head_dim * jnp.dtype(cache_dtype).itemsize

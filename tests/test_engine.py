@@ -1,0 +1,167 @@
+"""The continuous-batching engine on the tiny model: its outputs equal `jinfer.generate`'s
+whatever the batch company, arrival time, prefill chunking or preemption; aborts and finished
+requests give every page back."""
+
+import dataclasses
+
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+import jinfer
+from jinfer.engine import LLM, Engine
+from jinfer.errors import InvalidRequestError
+
+PROMPTS = ["hello world", "a", "the quick brown fox jumps", "xyz" * 10]
+GREEDY = [jinfer.SamplingParams(temperature=0, max_tokens=t, ignore_eos=True) for t in (5, 9, 3, 12)]
+SEEDED = jinfer.SamplingParams(temperature=1.0, max_tokens=8, seed=3, n=2, ignore_eos=True,
+                               logprobs=2)
+# Small pages and budget: prompts are prefilled in chunks, and pages are added as rows grow.
+SMALL = dict(max_num_seqs=4, max_model_len=64, page_size=4, max_batched_tokens=16)
+
+
+def _assert_same(got, want):
+  assert [c.token_ids for c in got] == [c.token_ids for c in want]
+  assert [c.text for c in got] == [c.text for c in want]
+  assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+  assert [c.index for c in got] == [c.index for c in want]
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+  return LLM(tiny_model, **SMALL)
+
+
+def _idle(engine):
+  m = engine.metrics()
+  assert not engine.has_unfinished()
+  assert m["free_pages"] == m["total_pages"] and m["num_running"] == m["num_waiting"] == 0
+
+
+def test_greedy_equals_generate_with_chunked_prefill(tiny_model, llm):
+  _assert_same(llm.generate(PROMPTS, GREEDY), jinfer.generate(tiny_model, PROMPTS, GREEDY))
+  _idle(llm.engine)
+
+
+def test_seeded_samples_logprobs_and_n_equal_generate(tiny_model, llm):
+  got = llm.generate(PROMPTS[:2], SEEDED)
+  want = jinfer.generate(tiny_model, PROMPTS[:2], SEEDED)
+  _assert_same(got, want)
+  assert [c.top_logprobs for c in got][0][0].keys() == want[0].top_logprobs[0].keys()
+  _idle(llm.engine)
+
+
+def test_stop_strings_and_stop_tokens_equal_generate(tiny_model, llm):
+  free = jinfer.generate(tiny_model, PROMPTS[:1], GREEDY[0])[0]
+  text = free.text
+  params = [jinfer.SamplingParams(temperature=0, max_tokens=12, stop=[text[2:4]]),
+            jinfer.SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free.token_ids[2]])]
+  _assert_same(llm.generate(PROMPTS[:1] * 2, params),
+               jinfer.generate(tiny_model, PROMPTS[:1] * 2, params))
+
+
+def test_output_does_not_depend_on_company_or_arrival(tiny_model):
+  engine = Engine(tiny_model, **SMALL)
+  alone = LLM(tiny_model, **SMALL).generate([PROMPTS[3]], GREEDY[3])[0]
+  first = engine.add_request(PROMPTS[0], GREEDY[0])
+  texts = {first: []}
+  for _ in range(3):
+    for out in engine.step():
+      texts.setdefault(out.request_id, []).extend(out.token_ids)
+  late = engine.add_request(PROMPTS[3], GREEDY[3])  # joins a running batch
+  while engine.has_unfinished():
+    for out in engine.step():
+      texts.setdefault(out.request_id, []).extend(out.token_ids)
+  assert texts[late] == alone.token_ids
+  _idle(engine)
+
+
+def test_preemption_does_not_change_outputs(tiny_model):
+  # 16 pages of 4 tokens for 4 sequences of up to 42 tokens: the youngest are evicted.
+  llm = LLM(tiny_model, **{**SMALL, "num_pages": 16})
+  params = [dataclasses.replace(p, max_tokens=12) for p in GREEDY]
+  _assert_same(llm.generate(PROMPTS, params), jinfer.generate(tiny_model, PROMPTS, params))
+  assert llm.engine.metrics()["num_preemptions"] > 0
+  _idle(llm.engine)
+
+
+def test_abort_frees_pages_at_once_and_ends_the_request(tiny_model):
+  engine = Engine(tiny_model, **SMALL)
+  keep = engine.add_request(PROMPTS[0], GREEDY[0])
+  gone = engine.add_request(PROMPTS[3], dataclasses.replace(GREEDY[3], max_tokens=30))
+  outputs = engine.step()
+  used = engine.metrics()["total_pages"] - engine.metrics()["free_pages"]
+  engine.abort(gone)
+  assert engine.metrics()["total_pages"] - engine.metrics()["free_pages"] < used
+  while engine.has_unfinished():
+    outputs += engine.step()
+  reasons = {out.request_id: out.finish_reason for out in outputs if out.finish_reason}
+  assert reasons == {keep: "length", gone: "abort"}
+  _idle(engine)
+
+
+def test_a_full_pool_delays_admission(tiny_model):
+  # One sequence's worth of pages: requests run one after another, none fails.
+  llm = LLM(tiny_model, **{**SMALL, "num_pages": 16})
+  got = llm.generate(PROMPTS, GREEDY)
+  _assert_same(got, jinfer.generate(tiny_model, PROMPTS, GREEDY))
+
+
+@pytest.mark.parametrize("prompt, params, words", [
+    ("", None, ["prompt 0"]),
+    ([], None, ["prompt 0", "empty"]),
+    ([1.5], None, ["prompt 0"]),
+    ([[1, 2]], None, ["prompt 0"]),
+    ("x" * 70, None, ["max_model_len of 64"]),
+    ("x", jinfer.SamplingParams(max_tokens=64), ["max_model_len of 64"]),
+    ("x", {"max_tokens": 3}, ["SamplingParams"]),
+    ("x", jinfer.SamplingParams(logit_bias={300: 1}), ["logit_bias"]),
+])
+def test_bad_requests_are_refused_and_change_nothing(tiny_model, prompt, params, words):
+  engine = Engine(tiny_model, **SMALL)
+  engine.add_request("ok", GREEDY[0])
+  with pytest.raises(InvalidRequestError) as info:
+    engine.add_request(prompt, params)
+  for word in words:
+    assert word in str(info.value)
+  assert engine.metrics()["num_waiting"] == 1
+
+
+def test_engine_settings_are_checked(tiny_model):
+  with pytest.raises(InvalidRequestError, match="num_pages"):
+    Engine(tiny_model, **{**SMALL, "num_pages": 3})
+  with pytest.raises(InvalidRequestError, match="max_batched_tokens"):
+    Engine(tiny_model, **{**SMALL, "max_batched_tokens": 4})
+  with pytest.raises(InvalidRequestError, match="mesh"):
+    LLM(tiny_model, mesh="2x4")
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10), st.integers(1, 3),
+                                     st.booleans(), st.integers(0, 4)), min_size=1, max_size=6))
+def test_random_arrivals_and_aborts_leak_nothing(tiny_model, requests):
+  """Each request: (prompt, max_tokens, n, abort it?, step at which it arrives)."""
+  engine = Engine(tiny_model, **{**SMALL, "num_pages": 20})
+  pending = sorted(enumerate(requests), key=lambda r: r[1][4])
+  ids, aborted, finished, step = {}, set(), {}, 0
+  while pending or engine.has_unfinished():
+    while pending and pending[0][1][4] <= step:
+      i, (prompt, max_tokens, n, abort, _) = pending.pop(0)
+      params = jinfer.SamplingParams(temperature=0.5, seed=i, max_tokens=max_tokens, n=n)
+      ids[engine.add_request(PROMPTS[prompt], params)] = (n, abort)
+    for rid, (n, abort) in ids.items():
+      if abort and rid not in aborted and step % 2:
+        engine.abort(rid)
+        aborted.add(rid)
+    slots = [s.seq.slot for s in engine._by_seq.values() if s.seq.slot is not None]
+    assert len(slots) == len(set(slots))  # no slot holds two live sequences
+    for out in engine.step():
+      if out.finish_reason:
+        finished.setdefault(out.request_id, set()).add(out.index)
+    step += 1
+  for rid, (n, abort) in ids.items():
+    assert rid in aborted or finished[rid] == set(range(n))
+  _idle(engine)
