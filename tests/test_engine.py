@@ -165,3 +165,23 @@ def test_random_arrivals_and_aborts_leak_nothing(tiny_model, requests):
   for rid, (n, abort) in ids.items():
     assert rid in aborted or finished[rid] == set(range(n))
   _idle(engine)
+
+
+def test_prefix_cache_hits_do_not_change_outputs(tiny_model):
+  cold = LLM(tiny_model, **SMALL, enable_prefix_caching=False)
+  warm = LLM(tiny_model, **SMALL)
+  want = cold.generate(PROMPTS, GREEDY)
+  assert cold.engine.metrics()["prefix_cache_hit_rate"] == 0
+  _assert_same(warm.generate(PROMPTS, GREEDY), want)  # fills the cache
+  _assert_same(warm.generate(PROMPTS, GREEDY), want)  # hits it
+  assert warm.engine.metrics()["prefix_cache_hit_rate"] > 0.3
+  _idle(warm.engine)
+
+
+def test_n_samples_share_the_prompt_pages(tiny_model):
+  llm = LLM(tiny_model, **SMALL)
+  params = dataclasses.replace(SEEDED, n=4, max_tokens=3, logprobs=None)
+  _assert_same(llm.generate([PROMPTS[3]], params),
+               jinfer.generate(tiny_model, [PROMPTS[3]], params))
+  # 30 prompt tokens, 7 full pages of 4: samples 2-4 find them (the last token is computed).
+  assert llm.engine.metrics()["prefix_cache_hit_rate"] == pytest.approx(3 * 28 / (4 * 30))

@@ -79,13 +79,15 @@ class Engine:
   tokens (default: enough for every slot at half of `max_model_len`, within
   `kv_cache_bytes`); a sequence gets pages as it grows. `max_batched_tokens` bounds the tokens
   of one step (decode tokens first, prefill chunks fill the rest); `steps_per_call` decode
-  steps run per host round trip.
+  steps run per host round trip. With `enable_prefix_caching`, full prompt pages outlive
+  their request and later requests with the same prefix reuse them.
   """
 
   def __init__(self, model, *, max_num_seqs: int = 64, page_size: int = 16,
                num_pages: Optional[int] = None, max_model_len: Optional[int] = None,
                max_batched_tokens: int = 512, steps_per_call: int = 4,
-               max_logprobs: int = MAX_LOGPROBS, kv_cache_bytes: int = 2 << 30):
+               max_logprobs: int = MAX_LOGPROBS, kv_cache_bytes: int = 2 << 30,
+               enable_prefix_caching: bool = True):
     validation.model(model)
     self.model = model
     config = model.config
@@ -110,7 +112,9 @@ class Engine:
     self._scheduler = Scheduler(num_slots=self.max_num_seqs, num_pages=self.num_pages,
                                 page_size=self.page_size,
                                 max_batched_tokens=self.max_batched_tokens,
-                                lookahead=self.steps_per_call)
+                                lookahead=self.steps_per_call,
+                                enable_prefix_caching=validation.boolean(
+                                    "enable_prefix_caching", enable_prefix_caching))
     self._state = self._empty_state()
     self._pushed_tables = None
     self._requests: dict[str, list[_Sample]] = {}
@@ -203,8 +207,9 @@ class Engine:
   def metrics(self) -> dict:
     s = self._scheduler
     return {"num_running": s.num_running, "num_waiting": s.num_waiting,
-            "num_preemptions": s.num_preemptions, "free_pages": s.pages.num_free,
-            "total_pages": s.pages.num_pages, "generated_tokens": self.generated_tokens}
+            "num_preemptions": s.num_preemptions, "free_pages": s.num_free_pages,
+            "total_pages": s.pages.num_pages, "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            "generated_tokens": self.generated_tokens}
 
   # ----------------------------------------------------------------------------- device work
 

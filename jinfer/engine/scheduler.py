@@ -10,6 +10,10 @@
   pages and slot are freed, and it waits again (ahead of younger ones) to be prefilled anew from
   its prompt and the tokens it had generated, so its output does not change.
 - A full pool delays admission; it never raises.
+- Prefix caching (`jinfer.cache.prefix_cache`): a starting sequence shares the cached pages of
+  the longest prefix of its tokens and computes only the rest; the full pages it computes are
+  cached in turn (at planning time: chunks run in plan order, so a later chunk of the same step
+  may already use them, as the n samples of one prompt do).
 
 The scheduler knows nothing of devices or text: `Engine` runs what it plans, and a test can
 drive it with a mock engine.
@@ -22,6 +26,7 @@ import enum
 from typing import Optional
 
 from jinfer.cache.page_allocator import PageAllocator, pages_for
+from jinfer.cache.prefix_cache import PrefixCache
 from jinfer.errors import CacheFullError
 
 
@@ -84,14 +89,26 @@ class Scheduler:
   """Assigns slots, pages and prefill chunks to sequences, step by step."""
 
   def __init__(self, *, num_slots: int, num_pages: int, page_size: int,
-               max_batched_tokens: int, lookahead: int):
+               max_batched_tokens: int, lookahead: int, enable_prefix_caching: bool = True):
     self.pages = PageAllocator(num_pages)
+    self.prefix_cache = PrefixCache(self.pages, page_size) if enable_prefix_caching else None
+    self.queried_tokens = 0  # prefill-target tokens of started sequences
+    self.cached_tokens = 0  # of those, found in the prefix cache
     self.page_size = page_size
     self.max_batched_tokens = max_batched_tokens
     self.lookahead = lookahead
     self._free_slots = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
     self._live: list[Sequence] = []  # not finished, in arrival order
     self.num_preemptions = 0
+
+  @property
+  def num_free_pages(self) -> int:
+    """Free pages, counting cached pages that no sequence holds (they are evicted on demand)."""
+    return self.pages.num_free + (self.prefix_cache.num_evictable if self.prefix_cache else 0)
+
+  @property
+  def prefix_cache_hit_rate(self) -> float:
+    return self.cached_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
   @property
   def num_running(self) -> int:
@@ -137,20 +154,29 @@ class Scheduler:
       if budget <= 0 or (waiting and not (admitting and self._free_slots)):
         admitting = admitting and not waiting  # FCFS: nobody overtakes a waiting sequence
         continue
-      length = min(budget, len(seq.prefill_target) - seq.num_computed)
+      target = seq.prefill_target
+      if waiting:
+        self._reuse_cached_prefix(seq)
+      length = min(budget, len(target) - seq.num_computed)
       end = seq.num_computed + length
-      completes = end == len(seq.prefill_target)
+      completes = end == len(target)
       need = end + self.lookahead if completes else end
       if waiting:
         if not self._grow(seq, min(need, seq.max_cache_len)):
+          self._release(seq)
+          seq.num_computed = 0
           admitting = False  # the pool is full: wait for pages to be freed
           continue
         seq.slot, seq.status = self._free_slots.pop(), Status.PREFILLING
+        self.queried_tokens += len(target)
+        self.cached_tokens += seq.num_computed
       elif not self._grow_or_preempt(seq, need, plan):
         continue
       plan.prefill.append(PrefillChunk(seq, seq.num_computed, length))
       seq.num_computed = end
       budget -= length
+      if self.prefix_cache is not None:
+        self.prefix_cache.insert(target[:end], seq.pages)
       if completes:
         seq.status = Status.RUNNING
         plan.decode.append(seq)
@@ -174,12 +200,21 @@ class Scheduler:
     """Records that decode fed `num_fed` more of the sequence's tokens into the cache."""
     seq.num_computed += num_fed
 
+  def _reuse_cached_prefix(self, seq: Sequence) -> None:
+    """Starts `seq` from the cached pages of its longest cached prefix (its last token is always
+    computed: its logits give the first sampled token)."""
+    if self.prefix_cache is not None:
+      target = seq.prefill_target
+      seq.pages = self.prefix_cache.lookup(target, len(target) - 1)
+      seq.num_computed = len(seq.pages) * self.page_size
+
   def _grow(self, seq: Sequence, length: int) -> bool:
     missing = pages_for(length, self.page_size) - len(seq.pages)
     if missing <= 0:
       return True
+    allocate = self.prefix_cache.allocate if self.prefix_cache else self.pages.allocate
     try:
-      seq.pages += self.pages.allocate(missing)
+      seq.pages += allocate(missing)
     except CacheFullError:
       return False
     return True
