@@ -185,3 +185,30 @@ def test_n_samples_share_the_prompt_pages(tiny_model):
                jinfer.generate(tiny_model, [PROMPTS[3]], params))
   # 30 prompt tokens, 7 full pages of 4: samples 2-4 find them (the last token is computed).
   assert llm.engine.metrics()["prefix_cache_hit_rate"] == pytest.approx(3 * 28 / (4 * 30))
+
+
+def test_nothing_compiles_after_warmup(tiny_model):
+  """Counted with JAX's own compile events, so small host-side ops count too."""
+  import jax  # pylint: disable=g-import-not-at-top
+  engine = Engine(tiny_model, **SMALL)
+  seconds = engine.warmup()
+  assert seconds > 0 and engine.metrics()["num_compilations"] > 0
+  compiled = engine.metrics()["num_compilations"]
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    mixed = [jinfer.SamplingParams(temperature=0, max_tokens=5),
+             jinfer.SamplingParams(temperature=0.7, seed=2**50, n=3, max_tokens=7, logprobs=3,
+                                   logprobs_mode="processed"),
+             jinfer.SamplingParams(max_tokens=9, stop=["a"], repetition_penalty=1.3,
+                                   bad_words=["xy"], logit_bias={5: 3.0}, min_tokens=2),
+             jinfer.SamplingParams(max_tokens=20, top_k=5, top_p=0.9, seed=1)]
+    for prompt, params in zip(["hi", "a" * 33, "b" * 50, "c" * 7], mixed):
+      engine.add_request(prompt, params)
+    while engine.has_unfinished():
+      engine.step()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert [e for e in events if "compile" in e] == []
+  assert engine.metrics()["num_compilations"] == compiled

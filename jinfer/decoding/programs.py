@@ -107,6 +107,10 @@ class CompileCache:
   def __init__(self):
     self._programs = {}
 
+  @property
+  def num_compiled(self) -> int:
+    return len(self._programs)
+
   def get(self, jitted, args, static: dict, stats: GenerationStats):
     shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), args)
     key = (id(jitted), tuple(sorted(static.items())), str(jax.tree.structure(args)), str(shapes))

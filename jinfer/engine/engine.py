@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 from typing import Optional, Union
 
 import jax
@@ -29,7 +30,9 @@ from jinfer.buckets import bucket
 from jinfer.cache.page_allocator import NO_PAGE, pages_for
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.decoding import loop
+from jinfer.decoding.programs import CompileCache
 from jinfer.decoding.requests import SequenceRow, bad_word_ids, encode_prompts, stop_ids
+from jinfer.decoding.results import GenerationStats
 from jinfer.decoding.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams
 from jinfer.decoding.text import SequenceText, finish_reason
 from jinfer.engine import programs
@@ -80,15 +83,22 @@ class Engine:
   `kv_cache_bytes`); a sequence gets pages as it grows. `max_batched_tokens` bounds the tokens
   of one step (decode tokens first, prefill chunks fill the rest); `steps_per_call` decode
   steps run per host round trip. With `enable_prefix_caching`, full prompt pages outlive
-  their request and later requests with the same prefix reuse them.
+  their request and later requests with the same prefix reuse them. Programs compile per shape
+  bucket (prefill chunk length, page-table width); `warmup()` compiles them all up front, and
+  `compilation_cache_dir` keeps them on disk across restarts (JAX's persistent cache).
   """
 
   def __init__(self, model, *, max_num_seqs: int = 64, page_size: int = 16,
                num_pages: Optional[int] = None, max_model_len: Optional[int] = None,
                max_batched_tokens: int = 512, steps_per_call: int = 4,
                max_logprobs: int = MAX_LOGPROBS, kv_cache_bytes: int = 2 << 30,
-               enable_prefix_caching: bool = True):
+               enable_prefix_caching: bool = True,
+               compilation_cache_dir: Optional[str] = None):
     validation.model(model)
+    if compilation_cache_dir is not None:  # JAX's persistent cache: a restart compiles nothing
+      jax.config.update("jax_compilation_cache_dir", validation.text(
+          "compilation_cache_dir", compilation_cache_dir))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     self.model = model
     config = model.config
     self.max_num_seqs = validation.integer("max_num_seqs", max_num_seqs, low=1, high=4096)
@@ -116,6 +126,8 @@ class Engine:
                                 enable_prefix_caching=validation.boolean(
                                     "enable_prefix_caching", enable_prefix_caching))
     self._state = self._empty_state()
+    self._programs = CompileCache()  # one executable per program and shape bucket
+    self._compile_stats = GenerationStats()
     self._pushed_tables = None
     self._requests: dict[str, list[_Sample]] = {}
     self._by_seq: dict[int, _Sample] = {}
@@ -157,9 +169,7 @@ class Engine:
       for index in range(params.n):
         seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=prompt_ids,
                        max_tokens=params.max_tokens)
-        sampling_row = SamplingArrays.from_params(
-            [params], [seed], [stops], self.model.config.vocab_size, sample_index=[index],
-            bad_word_ids=[words], bad_word_shape=(MAX_BAD_WORD_VARIANTS, MAX_BAD_WORD_TOKENS - 1))
+        sampling_row = self._sampling_row(params, seed, stops, index, words)
         samples.append(_Sample(request_id, SequenceRow(0, index, params, stops), seq,
                                SequenceText(self.model.tokenizer, params.stop), sampling_row))
       self._requests[request_id] = samples
@@ -209,9 +219,52 @@ class Engine:
     return {"num_running": s.num_running, "num_waiting": s.num_waiting,
             "num_preemptions": s.num_preemptions, "free_pages": s.num_free_pages,
             "total_pages": s.pages.num_pages, "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
-            "generated_tokens": self.generated_tokens}
+            "generated_tokens": self.generated_tokens,
+            "num_compilations": self._programs.num_compiled,
+            "compile_seconds": self._compile_stats.compile_s}
+
+  def warmup(self) -> float:
+    """Compiles every program for every shape bucket the engine can use, so that no request
+    compiles anything later; returns the seconds it took."""
+    start = time.perf_counter()
+    with self._lock:
+      params, config, state = self.model.params, self.model.config, self._state
+      i32 = np.int32(0)
+      for size in _powers_of_two(16, bucket(self.max_batched_tokens)):
+        self._program(programs.prefill_chunk, params, state, np.zeros((size,), np.int32), i32,
+                      i32, i32, config=config)
+      for width in self._table_widths():
+        self._program(programs.generate, params, state, config=config,
+                      num_steps=self.steps_per_call, table_width=width)
+      vocab = config.vocab_size
+      # Builds a request's sampling row as add_request does (its small host ops compile once).
+      row = self._sampling_row(SamplingParams(), 2**40, [], 0, [])
+      self._sampling_row(SamplingParams(), 0, [], 1, [])
+      mask_V = np.zeros((vocab,), bool)
+      self._program(programs.insert, state, i32, np.zeros((vocab,), np.float32), i32, mask_V,
+                    row)
+      self._program(programs.restore, state, i32, i32, mask_V,
+                    np.zeros((self.max_model_len,), np.int32), i32, np.zeros((vocab,), np.int32),
+                    row)
+      self._program(programs.sync, state, np.zeros(state.cache.page_tables.shape, np.int32),
+                    np.zeros((self.max_num_seqs,), bool))
+    return time.perf_counter() - start
 
   # ----------------------------------------------------------------------------- device work
+
+  def _program(self, jitted, *args, **static):
+    """The executable of `jitted` for these arguments' shapes, compiled on first use."""
+    return self._programs.get(jitted, args, static, self._compile_stats)
+
+  def _table_widths(self) -> list[int]:
+    """Page-table widths decode attends over: powers of two, and the whole table."""
+    widths = _powers_of_two(1, bucket(self.max_pages_per_seq, minimum=1))
+    return sorted({min(w, self.max_pages_per_seq) for w in widths})
+
+  def _sampling_row(self, params, seed, stops, index, words) -> SamplingArrays:
+    return SamplingArrays.from_params(
+        [params], [seed], [stops], self.model.config.vocab_size, sample_index=[index],
+        bad_word_ids=[words], bad_word_shape=(MAX_BAD_WORD_VARIANTS, MAX_BAD_WORD_TOKENS - 1))
 
   def _empty_state(self) -> programs.EngineState:
     config, b = self.model.config, self.max_num_seqs
@@ -238,7 +291,8 @@ class Engine:
         stop_B[seq.slot] = seq.status is not Status.RUNNING
     key = (tables_BxM.tobytes(), stop_B.tobytes())
     if key != self._pushed_tables:
-      self._state = programs.sync(self._state, tables_BxM, stop_B)
+      self._state = self._program(programs.sync, self._state, tables_BxM, stop_B)(
+          self._state, tables_BxM, stop_B)
       self._pushed_tables = key
 
   def _prefill(self, chunk) -> None:
@@ -246,9 +300,10 @@ class Engine:
     target = seq.prefill_target
     tokens_C = np.zeros((bucket(chunk.length),), np.int32)
     tokens_C[:chunk.length] = target[chunk.start:chunk.start + chunk.length]
-    logits_V, self._state = programs.prefill_chunk(
-        self.model.params, self._state, tokens_C, np.int32(chunk.start), np.int32(chunk.length),
-        np.int32(seq.slot), config=self.model.config)
+    args = (self.model.params, self._state, tokens_C, np.int32(chunk.start),
+            np.int32(chunk.length), np.int32(seq.slot))
+    logits_V, self._state = self._program(programs.prefill_chunk, *args,
+                                          config=self.model.config)(*args)
     if not chunk.completes:
       return
     vocab = self.model.config.vocab_size
@@ -259,12 +314,13 @@ class Engine:
       tokens_L = np.full((self.max_model_len,), loop.PAD_TOKEN, np.int32)
       tokens_L[:len(seq.generated)] = seq.generated
       counts_V = np.bincount(seq.generated, minlength=vocab).astype(np.int32)
-      self._state = programs.restore(self._state, np.int32(seq.slot), prompt_len, prompt_mask_V,
-                                     tokens_L, np.int32(len(seq.generated)), counts_V,
-                                     sample.sampling_row)
+      args = (self._state, np.int32(seq.slot), prompt_len, prompt_mask_V, tokens_L,
+              np.int32(len(seq.generated)), counts_V, sample.sampling_row)
+      self._state = self._program(programs.restore, *args)(*args)
       return
-    self._state, token, logprob, top_ids, top_values = programs.insert(
-        self._state, np.int32(seq.slot), logits_V, prompt_len, prompt_mask_V, sample.sampling_row)
+    args = (self._state, np.int32(seq.slot), logits_V, prompt_len, prompt_mask_V,
+            sample.sampling_row)
+    self._state, token, logprob, top_ids, top_values = self._program(programs.insert, *args)(*args)
     self._record(sample, [int(token)], [float(logprob)], np.asarray(top_ids)[None],
                  np.asarray(top_values)[None])
 
@@ -273,9 +329,10 @@ class Engine:
     widest = max(len(s.seq.pages) for s in running)
     width = min(bucket(widest, minimum=1), self.max_pages_per_seq)
     before = {id(s): len(s.seq.generated) for s in running}
-    self._state, tokens_BxK, logprobs_BxK, top_ids, top_values = programs.generate(
-        self.model.params, self._state, config=self.model.config,
-        num_steps=self.steps_per_call, table_width=width)
+    args = (self.model.params, self._state)
+    program = self._program(programs.generate, *args, config=self.model.config,
+                            num_steps=self.steps_per_call, table_width=width)
+    self._state, tokens_BxK, logprobs_BxK, top_ids, top_values = program(*args)
     num_generated_B = np.asarray(self._state.decode.num_generated_B)
     tokens_BxK, logprobs_BxK = np.asarray(tokens_BxK), np.asarray(logprobs_BxK)
     top_ids, top_values = np.asarray(top_ids), np.asarray(top_values)
@@ -325,6 +382,10 @@ class Engine:
     samples = self._requests.get(sample.request_id, [])
     if all(s.seq.status is Status.FINISHED for s in samples):
       self._requests.pop(sample.request_id, None)
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+  return [1 << i for i in range(low.bit_length() - 1, high.bit_length())]
 
 
 def _page_bytes(config, page_size: int, cache_dtype) -> int:

@@ -131,9 +131,3 @@ def sync(state: EngineState, page_tables_BxM: jax.Array, stop_B: jax.Array) -> E
   cache = state.cache.with_page_tables(page_tables_BxM, state.cache.lengths)
   decode = state.decode.replace(cache=cache, done_B=state.decode.done_B | stop_B)
   return state.replace(decode=decode)
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def copy_pages(state: EngineState, src_C: jax.Array, dst_C: jax.Array) -> EngineState:
-  """Copies pages src_C[i] -> dst_C[i] (copy-on-write of a shared partial page)."""
-  return _with_cache(state, state.cache.copy_pages(src_C, dst_C))
