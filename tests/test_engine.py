@@ -3,6 +3,7 @@ whatever the batch company, arrival time, prefill chunking or preemption; aborts
 requests give every page back."""
 
 import dataclasses
+import time
 
 import hypothesis
 import hypothesis.strategies as st
@@ -212,3 +213,34 @@ def test_nothing_compiles_after_warmup(tiny_model):
     jax.monitoring.unregister_event_duration_listener(listener)
   assert [e for e in events if "compile" in e] == []
   assert engine.metrics()["num_compilations"] == compiled
+
+
+def test_async_streams_run_together_and_a_closed_stream_aborts(tiny_model):
+  import asyncio  # pylint: disable=g-import-not-at-top
+  engine = Engine(tiny_model, **SMALL)
+  want = jinfer.generate(tiny_model, PROMPTS[:2], GREEDY[:2])
+
+  async def collect(prompt, params):
+    tokens, reason = [], None
+    async for out in engine.stream(prompt, params):
+      tokens += out.token_ids
+      reason = out.finish_reason or reason
+    return tokens, reason
+
+  async def cancelled():
+    stream = engine.stream(PROMPTS[3], dataclasses.replace(GREEDY[3], max_tokens=30))
+    async for _ in stream:
+      break  # the client goes away after its first output
+    await stream.aclose()
+
+  async def main():
+    return await asyncio.gather(collect(PROMPTS[0], GREEDY[0]), collect(PROMPTS[1], GREEDY[1]),
+                                cancelled())
+
+  results = asyncio.run(main())
+  assert [r[0] for r in results[:2]] == [c.token_ids for c in want]
+  assert [r[1] for r in results[:2]] == ["length", "length"]
+  deadline = time.monotonic() + 30  # the background thread still reports the abort
+  while engine.has_unfinished() and time.monotonic() < deadline:
+    time.sleep(0.01)
+  _idle(engine)

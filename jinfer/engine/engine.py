@@ -15,11 +15,12 @@ preemption or on how its prompt was chunked.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import threading
 import time
-from typing import Optional, Union
+from typing import AsyncIterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +136,10 @@ class Engine:
     self._seq_ids = itertools.count()
     self._lock = threading.Lock()  # add_request/abort may come from another thread
     self._aborted: list[_Sample] = []  # ended by abort, their last output not returned yet
+    # stream(): per-request output queues, fed by a background thread that steps the engine.
+    self._queues: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+    self._stepper: Optional[threading.Thread] = None
+    self._stepper_lock = threading.Lock()
     self.generated_tokens = 0
 
   # ----------------------------------------------------------------------------- public API
@@ -187,6 +192,58 @@ class Engine:
           self._scheduler.finish(sample.seq)
           self._aborted.append(sample)
         self._by_seq.pop(sample.seq.seq_id, None)
+
+  async def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                   request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+    """Adds a request and yields its outputs as the engine produces them, for a server.
+
+    A background thread steps the engine while any request is unfinished (do not call
+    `step()` yourself meanwhile). Closing the iterator early (a client that went away, a
+    cancelled task) aborts the request, which frees its pages at once.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    request_id = self.add_request(prompt, params, request_id)
+    self._queues[request_id] = (queue, loop)
+    remaining = (params or SamplingParams()).n
+    try:
+      self._ensure_stepping()
+      while remaining:
+        out = await queue.get()
+        if isinstance(out, Exception):
+          raise out
+        remaining -= out.finish_reason is not None
+        yield out
+    finally:
+      self._queues.pop(request_id, None)
+      if remaining:
+        self.abort(request_id)
+
+  def _ensure_stepping(self) -> None:
+    with self._stepper_lock:
+      if self._stepper is None or not self._stepper.is_alive():
+        self._stepper = threading.Thread(target=self._step_while_unfinished, daemon=True,
+                                         name="jinfer-engine")
+        self._stepper.start()
+
+  def _step_while_unfinished(self) -> None:
+    while True:
+      with self._stepper_lock:
+        if not self.has_unfinished():
+          self._stepper = None
+          return
+      try:
+        outputs = self.step()
+      except Exception as e:  # pylint: disable=broad-except  (every stream raises it)
+        for queue, loop in list(self._queues.values()):
+          loop.call_soon_threadsafe(queue.put_nowait, e)
+        with self._stepper_lock:
+          self._stepper = None
+        return
+      for out in outputs:
+        queue, loop = self._queues.get(out.request_id, (None, None))
+        if queue is not None:
+          loop.call_soon_threadsafe(queue.put_nowait, out)
 
   def has_unfinished(self) -> bool:
     return self._scheduler.has_unfinished() or bool(self._aborted)
