@@ -1,4 +1,9 @@
-"""Shared fixtures: the real SmolLM2 file (fetched once into the jinfer cache) and tiny models."""
+"""Shared fixtures: the real SmolLM2 file (fetched once into the jinfer cache) and tiny models;
+the slow marker for every test that needs that file; a persistent JAX compilation cache."""
+
+import importlib.util
+import os
+from pathlib import Path
 
 import jax
 import pytest
@@ -6,6 +11,34 @@ import pytest
 import jinfer
 from jinfer.models import config as config_lib
 from jinfer.models import llama
+
+# Compiled XLA programs persist across test runs: most of the fast tier's time is compiling the
+# tiny models' programs, the same on every run. Every program is cached, however quick its
+# compile (CPU compiles are short but there are hundreds). The key is the lowered program, so a
+# code change that alters a program misses; tracing and lowering still run on every call, and
+# with them the registration of the CPU kernels' FFI targets that cached programs call.
+# JINFER_TEST_JAX_CACHE names another directory, or turns the cache off when empty or "0".
+JAX_CACHE_ENV = "JINFER_TEST_JAX_CACHE"
+_jax_cache = os.environ.get(JAX_CACHE_ENV, str(Path.home() / ".cache/jinfer/jax-test-cache"))
+if _jax_cache not in ("", "0"):
+  jax.config.update("jax_compilation_cache_dir", _jax_cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  if importlib.util.find_spec("filelock"):  # (comes with torch) JAX's bounded cache needs it
+    # Least recently used entries are evicted past 2 GiB; the lock also keeps concurrent test
+    # runs from reading an entry another one is still writing.
+    jax.config.update("jax_compilation_cache_max_size", 2 << 30)
+
+REAL_MODEL_FIXTURES = frozenset({"smollm2", "smollm2_gguf_path"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """Every test that needs the real SmolLM2 file is slow, marked or not (a safety net: a new test,
+  or one reaching the file through another fixture, cannot slip into the fast tier)."""
+  for item in items:
+    if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

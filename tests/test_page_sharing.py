@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 import jinfer
-from jinfer.cache.kv_cache import KVCache
 from jinfer.cache.page_allocator import NO_PAGE, PageAllocator, pages_for
-from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.decoding import generate as generate_lib
 from jinfer.errors import CacheFullError
 
@@ -38,7 +36,10 @@ def _assert_same(got, want, logprob_atol=1e-4):
     np.testing.assert_allclose(g.logprobs, w.logprobs, atol=logprob_atol)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+# Fast tier: the seeded case (its rows decode apart, so copy-on-write runs) and one page size;
+# greedy pallas generation with n=2 is also test_attention_impl's fast test.
+@pytest.mark.parametrize("params", [pytest.param(GREEDY, id="greedy", marks=pytest.mark.slow),
+                                    pytest.param(SEEDED, id="seeded")])
 def test_shared_prompt_pages_match_xla(tiny_model, params):
   want = jinfer.generate(tiny_model, PROMPTS, params)
   _assert_same(jinfer.generate(_paged(tiny_model), PROMPTS, params), want)
@@ -46,7 +47,7 @@ def test_shared_prompt_pages_match_xla(tiny_model, params):
     assert len({tuple(c.token_ids) for c in want[:2]}) > 1
 
 
-@pytest.mark.parametrize("page_size", [4, 32])
+@pytest.mark.parametrize("page_size", [4, pytest.param(32, marks=pytest.mark.slow)])
 def test_page_size_does_not_change_tokens(tiny_model, page_size):
   params = dataclasses.replace(GREEDY, logprobs=None)
   prompts = PROMPTS[:2]
@@ -154,15 +155,8 @@ def test_prompt_bucket_is_whole_pages(tiny_model):
 # ----------------------------------------------------------------------------- int8 KV cache
 
 
-def _require_int8(cache) -> None:
-  if not getattr(cache, "quantized", False):
-    pytest.skip(f"{type(cache).__name__}.init(dtype=jnp.int8) does not build a quantized "
-                "(int8 + scales) cache yet")
-
-
 @pytest.fixture(scope="module")
 def int8_model(tiny_model):
-  _require_int8(KVCache.init(tiny_model.config, 1, 8, jnp.int8))
   return dataclasses.replace(tiny_model, kv_cache_dtype="int8")
 
 
@@ -182,8 +176,8 @@ def test_int8_cache_generate_xla(tiny_model, int8_model):
                              atol=0.05)
 
 
+@pytest.mark.slow  # (the int8 Pallas decode is also test_kv_int8's, in the fast tier)
 def test_int8_cache_generate_pallas_matches_xla(int8_model):
-  _require_int8(PagedKVCache.init(int8_model.config, 1, 8, 1, 1, jnp.int8))
   paged = _paged(int8_model)
   cache = _prefill_cache(paged, GREEDY)
   assert cache.quantized and cache.k_pages[0].dtype == jnp.int8

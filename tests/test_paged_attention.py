@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,19 +72,25 @@ KERNELS = {
     "gpu_split4_ppb1": functools.partial(paged_attention_gpu, num_splits=4, pages_per_block=1),
 }
 # Each case runs on one TPU and one GPU variant (not the full cross product: interpret mode is
-# slow), alternating so every variant meets several cases.
-PAIRS = [(c, kern) for i, c in enumerate(CASES)
-         for kern in (("tpu_ppb1", "gpu_split2") if i % 2 else ("tpu_ppb2", "gpu_split4_ppb1"))]
+# slow), alternating so every variant meets several cases. The fast tier runs every case once,
+# on the TPU variant for cases 0-1, 4-5 and the GPU one for 2-3, 6 (so all four variants run);
+# the slow tier adds the other.
+PAIRS = [pytest.param(c, kern, id=f"{c}-{kern}",
+                      marks=() if j == (i // 2) % 2 else pytest.mark.slow)
+         for i, c in enumerate(CASES)
+         for j, kern in enumerate(("tpu_ppb1", "gpu_split2") if i % 2
+                                  else ("tpu_ppb2", "gpu_split4_ppb1"))]
 
 
-@pytest.mark.parametrize("case,kernel", PAIRS, ids=[f"{c}-{k}" for c, k in PAIRS])
+@pytest.mark.parametrize("case,kernel", PAIRS)
 def test_kernel_matches_reference(case, kernel):
   n, k, h, s, dtype, lengths, options = CASES[case]
   q, k_nan, v_nan, k_clean, v_clean, tables, lengths = make_inputs(
       lengths, n=n, k=k, h=h, s=s, dtype=dtype, sliding_window=options.get("sliding_window"))
   out = KERNELS[kernel](q, k_nan, v_nan, tables, lengths, interpret=True, **options)
   want = ref_paged_attention(q, k_clean, v_clean, tables, lengths, **options)
-  assert out.shape == q.shape and out.dtype == q.dtype
+  chex.assert_equal_shape([out, q])
+  chex.assert_type(out, q.dtype)
   out32 = np.asarray(out.astype(jnp.float32))
   assert np.isfinite(out32).all()
   np.testing.assert_allclose(out32, np.asarray(want.astype(jnp.float32)), **TOLERANCE[dtype])
@@ -124,7 +131,11 @@ INT8_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(INT8_CASES))
+INT8_FAST = ("g1_s8_f32", "g8_s8_f32_window")  # a TPU and a GPU variant; the rest are slow
+
+
+@pytest.mark.parametrize("case", [c if c in INT8_FAST else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in INT8_CASES])
 def test_int8_kernel_matches_reference_on_dequantized_pages(case):
   n, k, h, s, q_dtype, lengths, options, kernel = INT8_CASES[case]
   q, k_q, v_q, k_s, v_s, k_deq, v_deq, tables, lengths = make_int8_inputs(
@@ -132,7 +143,8 @@ def test_int8_kernel_matches_reference_on_dequantized_pages(case):
   out = KERNELS[kernel](q, k_q, v_q, tables, lengths, k_scales=k_s, v_scales=v_s,
                         interpret=True, **options)
   want = ref_paged_attention(q, k_deq, v_deq, tables, lengths, **options)
-  assert out.shape == q.shape and out.dtype == q.dtype
+  chex.assert_equal_shape([out, q])
+  chex.assert_type(out, q.dtype)
   out32 = np.asarray(out.astype(jnp.float32))
   assert np.isfinite(out32).all()
   np.testing.assert_allclose(out32, np.asarray(want.astype(jnp.float32)), **TOLERANCE[q_dtype])

@@ -3,6 +3,7 @@
 import collections
 import functools
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 from hypothesis import stateful
@@ -268,7 +269,7 @@ def test_writes_without_a_page_or_out_of_range_are_dropped():
   assert (k_pages[:, 2, 3] == 1).all() and k_pages.sum() == CFG.n_kv_heads * CFG.head_dim
   assert np.asarray(cache.lengths).tolist() == [4, 0]
   k, v, positions_S = cache.keys_values(0)
-  assert k.shape == v.shape == (2, CFG.n_kv_heads, 8, CFG.head_dim)
+  chex.assert_shape([k, v], (2, CFG.n_kv_heads, 8, CFG.head_dim))
   assert np.asarray(positions_S).tolist() == list(range(8))
   assert (np.asarray(v)[0, :, 3] == 2).all() and np.asarray(v).sum() == 2 * k_pages.sum()
 

@@ -4,6 +4,7 @@ quality targets on the real model (perplexity on jinfer/data's text)."""
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,8 @@ def test_linear_equals_matmul_with_dequantized_weight(quantize, dtype, tol):
   q = quantize(_random_weight())
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 64)), dtype)
   y = qw.linear(x, q)
-  assert y.dtype == dtype and y.shape == (2, 3, 48)
+  chex.assert_type(y, dtype)
+  chex.assert_shape(y, (2, 3, 48))
   expected = jnp.einsum("BTI,OI->BTO", x.astype(jnp.float32), q.dequantize())
   scale = float(jnp.max(jnp.abs(expected)))
   np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=tol * scale)
@@ -96,7 +98,8 @@ def test_quantize_params_and_model(tiny_model):
   for model, bound in ((q8, 0.03), (tiny_model.quantize("int8", group_size=16), 0.03),
                        (tiny_model.quantize("w8a8"), 0.05), (q4e, 0.25)):
     logits = model.logits(tokens)
-    assert logits.shape == reference.shape and bool(jnp.all(jnp.isfinite(logits)))
+    chex.assert_equal_shape([logits, reference])
+    chex.assert_tree_all_finite(logits)
     error = float(jnp.max(jnp.abs(logits - reference))) / float(jnp.max(jnp.abs(reference)))
     assert error < bound, (model.quantization, error)
 
@@ -123,9 +126,11 @@ def test_orbax_round_trip_keeps_quantized_form(tiny_model, tmp_path, mode):
   assert meta["quantization"]["mode"] == mode and meta["quantization"]["embeddings"]
   restored = jinfer.load_model(str(tmp_path / "ckpt"), quantize=mode)
   assert restored.quantization == model.quantization
-  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(restored.params)):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Same tree (quantized weights stay quantized, with the same group sizes), shapes, dtypes and
+  # values.
+  chex.assert_trees_all_equal_structs(model.params, restored.params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(model.params, restored.params)
+  chex.assert_trees_all_equal(model.params, restored.params)
   tokens = np.arange(10)[None]
   np.testing.assert_array_equal(model.logits(tokens), restored.logits(tokens))
   with pytest.raises(jinfer.InvalidRequestError, match="cannot be re-quantized"):

@@ -160,6 +160,7 @@ def test_unknown_registry_name(cache):
     assert word in str(e.value)
 
 
+@pytest.mark.slow
 def test_cached_default_model_is_reused(cache, smollm2_gguf_path):
   target = registry.cached_path(registry.DEFAULT_MODEL)
   target.parent.mkdir(parents=True)

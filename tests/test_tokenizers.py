@@ -45,7 +45,8 @@ CHATS = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures.
+# Fixtures. reader, tok, hf_tok and saved_dir come from the real SmolLM2 file: their tests are
+# slow; the sentencepiece and tiny-GGUF tests below run in the fast tier.
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,7 @@ SP_TEXTS = [
 # GGUF byte-level BPE (SmolLM2) against transformers.
 
 
+@pytest.mark.slow
 def test_gguf_metadata(tok):
   assert tok.vocab_size == 49152
   assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, 2)
@@ -134,6 +136,7 @@ def test_gguf_metadata(tok):
   assert tok.encode("Hello", add_bos=True) == [1] + tok.encode("Hello")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS + [LONG_TEXT], ids=range(len(TEXTS) + 1))
 def test_ids_equal_transformers(tok, hf_tok, text):
   assert not _WHITESPACE_BEFORE_DIGIT.search(text), "such texts are checked separately below"
@@ -144,12 +147,14 @@ def test_ids_equal_transformers(tok, hf_tok, text):
   assert tok.decode(ids, skip_special_tokens=True) == hf_tok.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_special_tokens_in_text_are_single_ids(tok):
   ids = tok.encode("a<|im_start|>b<|im_end|>")
   assert 1 in ids and 2 in ids
   assert tok.decode(ids, skip_special_tokens=True) == "ab"
 
 
+@pytest.mark.slow
 def test_digits_after_whitespace_follow_llama_cpp(tok, hf_tok):
   # llama.cpp's 'smollm' pre-tokenizer isolates digits before GPT-2's regex, so a run of spaces
   # before a digit stays one token; transformers' GGUF loader skips the digit split.
@@ -162,6 +167,7 @@ def test_digits_after_whitespace_follow_llama_cpp(tok, hf_tok):
   assert tok.decode(tok.encode("x   1\n\n  42")) == "x   1\n\n  42"
 
 
+@pytest.mark.slow
 def test_random_strings_match_transformers_outside_digit_rule(tok, hf_tok):
   rng = np.random.default_rng(0)
   alphabet = list(" \t\n\r aAbZ09x.,;:'\"!?()<>|é漢😀ما\u00a0") + ["<|im_end|>", "'s", "  "]
@@ -177,6 +183,7 @@ def test_random_strings_match_transformers_outside_digit_rule(tok, hf_tok):
 # Chat templates.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat", CHATS, ids=["no_system", "system"])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_equals_transformers(tok, hf_tok, chat, add_generation_prompt):
@@ -188,6 +195,7 @@ def test_chat_template_equals_transformers(tok, hf_tok, chat, add_generation_pro
   assert tok.encode(ours) == hf_tok.encode(ours, add_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_chat_prompt_is_37_tokens(tok):
   prompt = tok.apply_chat_template(CHATS[0])
   assert "You are a helpful AI assistant named SmolLM" in prompt
@@ -196,6 +204,7 @@ def test_chat_prompt_is_37_tokens(tok):
   assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 2
 
 
+@pytest.mark.slow
 def test_chat_template_features_match_transformers(tok, hf_tok):
   # Trimming, raise_exception, tojson without HTML escaping, namespaces, {% generation %},
   # None-valued keys dropped, extra variables.
@@ -221,6 +230,7 @@ def test_chat_template_features_match_transformers(tok, hf_tok):
 # tokenizer.json: save() and from_hf_dir().
 
 
+@pytest.mark.slow
 def test_save_and_reload_tokenizer_json(tok, saved_dir):
   assert {p.name for p in saved_dir.iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
   reloaded = Tokenizer.from_hf_dir(saved_dir)
@@ -232,6 +242,7 @@ def test_save_and_reload_tokenizer_json(tok, saved_dir):
     assert reloaded.decode(tok.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_saved_tokenizer_json_loads_in_transformers(tok, saved_dir):
   transformers = pytest.importorskip("transformers")
   fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(saved_dir / "tokenizer.json"))
@@ -243,6 +254,7 @@ def test_saved_tokenizer_json_loads_in_transformers(tok, saved_dir):
   assert auto.encode("hi") == tok.encode("hi")  # no BOS added by either
 
 
+@pytest.mark.slow
 def test_hf_dir_reads_generation_config_and_jinja_template(tok, tmp_path):
   tok.save(tmp_path)
   (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
@@ -257,6 +269,7 @@ def test_hf_dir_reads_generation_config_and_jinja_template(tok, tmp_path):
   assert again.eos_ids == frozenset({0, 2}) and again.chat_template == "{{ 'x' }}"
 
 
+@pytest.mark.slow
 def test_add_bos_comes_from_the_post_processor(tok, tmp_path):
   # A tokenizer.json that adds BOS by itself (like Llama 3's) and a config that does not say.
   with_bos = Tokenizer.from_hf_dir(_with_bos_post_processor(tok, tmp_path))
@@ -357,6 +370,7 @@ def _stream(tok, ids, **kwargs):
   return pieces, detok.flush()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_incremental_detokenizer_never_splits_characters(tok, text):
   ids = tok.encode(text)
@@ -367,6 +381,7 @@ def test_incremental_detokenizer_never_splits_characters(tok, text):
   assert "".join(pieces) + rest == tok.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_incremental_detokenizer_skips_special_tokens(tok):
   ids = tok.encode(tok.apply_chat_template(CHATS[1], add_generation_prompt=False))
   for skip in (False, True):
@@ -376,6 +391,7 @@ def test_incremental_detokenizer_skips_special_tokens(tok):
   assert "<|im_start|>" not in "".join(_stream(tok, ids, skip_special_tokens=True)[0])
 
 
+@pytest.mark.slow
 def test_incremental_detokenizer_after_a_prompt(tok, sp_tok):
   for t, prompt, answer in ((tok, "Say hi:", " hi 😀 there"), (sp_tok, "The fox", " jumps over")):
     prompt_ids = t.encode(prompt)
@@ -393,6 +409,7 @@ def test_incremental_detokenizer_sentencepiece(sp_tok):
     assert "".join(pieces) + rest == sp_tok.decode(ids)
 
 
+@pytest.mark.slow
 def test_flush_emits_a_broken_tail(tok):
   ids = tok.encode("😀")
   pieces, rest = _stream(tok, ids[:-1])
@@ -476,6 +493,7 @@ def test_missing_chat_template(sp_model_path):
     bare.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.slow
 def test_bad_special_token_in_config(tok, tmp_path):
   tok.save(tmp_path)
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())

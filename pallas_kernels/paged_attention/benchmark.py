@@ -6,8 +6,11 @@ r"""Paged attention at long context: decode bandwidth, and chunked prefill over 
 Decode (the default): one query token per row over `context_len` cached tokens in random,
 non-contiguous pages. Times the platform's Pallas kernel (compiled, TPU/GPU only) and the XLA
 reference, and prints the K/V bytes each call must read (the pages up to each row's length), the
-achieved bandwidth (bytes / time) and its fraction of the device's peak. Decode attention reads
-every cached byte once per step, so the fraction of peak is the figure of merit.
+achieved bandwidth (bytes / time) and its fraction of the device's peak (where the peak is known
+or given with --peak_gbps). Decode attention reads every cached byte once per step, so the
+fraction of peak is the figure of merit. Kernel rows carry their max error against the XLA
+reference; with --interpret, platforms without a compiled kernel (CPU) also run both kernels in
+Pallas interpret mode, untimed, for that error alone.
 
 --prefill: a chunk of new tokens attending over paged context, through `PagedKVCache.attend`
 (gather the pages into a contiguous view, then XLA attention) against the same attention over a
@@ -38,14 +41,15 @@ from jinfer.models import llama
 from pallas_kernels.paged_attention import paged_attention
 
 # HBM bandwidth in GB/s by device kind (FACTS.md), matched as lowercase substrings in this order
-# ("v5 lite" is v5e, a bare "v5" is v5p). The CPU figure is the 2-core dev machine's measured
-# float32 GEMV bandwidth, not a property of CPUs in general.
+# ("v5 lite" is v5e, a bare "v5" is v5p). No CPU entry: CPUs differ tenfold, so on CPU the
+# fraction of peak is printed only with --peak_gbps.
 PEAK_GBPS = (("h200", 4800.0), ("h100", 3350.0), ("v6 lite", 1640.0), ("v6e", 1640.0),
              ("v5 lite", 819.0), ("v5e", 819.0), ("v5p", 2760.0), ("v5", 2760.0),
-             ("v4", 1200.0), ("cpu", 30.0))
+             ("v4", 1200.0))
 KERNEL_PLATFORMS = ("tpu", "gpu")
 CPU_NOTE = ("platform cpu: the Pallas kernels compile only for TPU/GPU and interpret mode is not "
             "a performance number; timing the XLA reference only.")
+INTERPRET_SUFFIX = " (interpret)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Settings:
   prompt_len: int = 512
   model_chunk: int = 64
   model: str = ""  # also time whole-model prefill of this checkpoint (besides the tiny config)
+  interpret: bool = False  # off TPU/GPU: run both kernels interpreted (untimed) for their error
 
   def quick(self) -> Settings:
     """Small sizes and few repeats: a smoke run that finishes in seconds on CPU."""
@@ -159,22 +164,35 @@ def decode_inputs(s: Settings, context_len: int, seed: int = 0) -> tuple[jax.Arr
 
 
 def decode_impls(s: Settings, platform: str) -> dict[str, Callable]:
-  """Jitted decode attention per implementation: the platform kernel (TPU/GPU) and XLA.
+  """Jitted decode attention per implementation: XLA (the reference, first), then the platform
+  kernel (TPU/GPU), or with `s.interpret` off TPU/GPU both kernels in interpret mode (named
+  with INTERPRET_SUFFIX: checked against XLA, not timed).
 
   Jitting the wrappers moves input validation (which reads lengths on the host) to trace time.
   """
-  impls = {}
+  impls = {"xla": jax.jit(functools.partial(paged_attention, backend="xla"))}
   if platform in KERNEL_PLATFORMS:
     impls[f"pallas-{platform}"] = jax.jit(
         functools.partial(paged_attention, backend=platform, **dict(s.tuning)))
-  impls["xla"] = jax.jit(functools.partial(paged_attention, backend="xla"))
+  elif s.interpret:
+    for backend in KERNEL_PLATFORMS:
+      # num_splits is the GPU kernel's alone.
+      tuning = {k: v for k, v in s.tuning if backend == "gpu" or k != "num_splits"}
+      impls[f"pallas-{backend}{INTERPRET_SUFFIX}"] = jax.jit(functools.partial(
+          paged_attention, backend=backend, interpret=True, **tuning))
   return impls
 
 
 def bench_decode(s: Settings, *, platform: str, peak_gbps: float | None,
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """One row per (context length, implementation); kernel rows carry their error vs XLA."""
-  impls = decode_impls(s, platform)
+                 log: Callable[[str], None] = print,
+                 impls: dict[str, Callable] | None = None) -> list[dict[str, Any]]:
+  """One row per (context length, implementation); kernel rows carry their max error vs XLA
+  (None on the XLA row), interpreted kernels no timing (None).
+
+  impls: name -> fn(q, k_pages, v_pages, page_tables, lengths), "xla" among them; by default
+  `decode_impls(s, platform)`.
+  """
+  impls = decode_impls(s, platform) if impls is None else impls
   rows = []
   for context_len in s.context_lens:
     args = decode_inputs(s, context_len)
@@ -182,22 +200,31 @@ def bench_decode(s: Settings, *, platform: str, peak_gbps: float | None,
     want = impls["xla"](*args).astype(jnp.float32)
     for name, fn in impls.items():
       log(f"decode {name} context {context_len} ...")
-      seconds = median_seconds(functools.partial(fn, *args), s.repeats)
-      error = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32) - want)))
-      gbps = nbytes / seconds / 1e9
+      error = None
+      if name != "xla":
+        error = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32) - want)))
+      seconds = gbps = None
+      if not name.endswith(INTERPRET_SUFFIX):
+        seconds = median_seconds(functools.partial(fn, *args), s.repeats)
+        gbps = nbytes / seconds / 1e9
       rows.append({"impl": name, "batch": s.batch, "context_len": context_len,
-                   "time_us": seconds * 1e6, "kv_bytes": nbytes, "gbps": gbps,
-                   "peak_fraction": None if peak_gbps is None else gbps / peak_gbps,
+                   "time_us": None if seconds is None else seconds * 1e6, "kv_bytes": nbytes,
+                   "gbps": gbps,
+                   "peak_fraction": None if None in (gbps, peak_gbps) else gbps / peak_gbps,
                    "max_error": error})
   return rows
+
+
+def _number(x: float | None, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
 
 
 def format_decode_table(rows: Sequence[dict[str, Any]]) -> str:
   return _table(
       ["impl", "batch", "context", "time (us)", "K/V MB read", "GB/s", "of peak", "max err vs xla"],
-      [[r["impl"], str(r["batch"]), str(r["context_len"]), f"{r['time_us']:.1f}",
-        f"{r['kv_bytes'] / 1e6:.2f}", f"{r['gbps']:.2f}", _fraction(r["peak_fraction"]),
-        f"{r['max_error']:.2g}"] for r in rows])
+      [[r["impl"], str(r["batch"]), str(r["context_len"]), _number(r["time_us"], ".1f"),
+        f"{r['kv_bytes'] / 1e6:.2f}", _number(r["gbps"], ".2f"), _fraction(r["peak_fraction"]),
+        _number(r["max_error"], ".2g")] for r in rows])
 
 
 # ----------------------------------------------------------------------------- chunked prefill
@@ -351,7 +378,8 @@ def run_decode(s: Settings, log: Callable[[str], None] = print) -> list[dict[str
   check_settings(s)
   platform, peak_gbps = describe_device(s, log)
   if platform not in KERNEL_PLATFORMS:
-    log(CPU_NOTE)
+    log(CPU_NOTE + (" The kernels run interpreted, untimed, for their error vs XLA."
+                    if s.interpret else ""))
   rows = bench_decode(s, platform=platform, peak_gbps=peak_gbps, log=log)
   log(f"\ndecode attention, {s.dtype}, {s.num_q_heads} query / {s.num_kv_heads} KV heads of "
       f"{s.head_dim}, pages of {s.page_size}, random page tables; median of {s.repeats}:")
@@ -395,7 +423,7 @@ def _define_flags() -> None:
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Q/K/V dtype.")
   flags.DEFINE_float(
       "peak_gbps", None, "Peak memory bandwidth in GB/s; default: looked up from the device kind "
-      "(H100 3350, H200 4800, TPU v4 1200, v5e 819, v5p 2760, v6e 1640, this CPU 30).")
+      "(H100 3350, H200 4800, TPU v4 1200, v5e 819, v5p 2760, v6e 1640; none for CPUs).")
   flags.DEFINE_integer("repeats", 10, "Timed runs after a warm-up; the median is kept.")
   flags.DEFINE_integer("pages_per_block", None,
                        "Kernel tuning: pages per grid step (default: kernel's).")
@@ -410,6 +438,9 @@ def _define_flags() -> None:
   flags.DEFINE_string(
       "model", "", "--prefill: also time whole-model prefill of this checkpoint (e.g. "
       "smollm2-135m-instruct) besides the tiny random config.")
+  flags.DEFINE_bool(
+      "interpret", False, "On CPU: also run the TPU and GPU kernels in Pallas interpret mode "
+      "(slow, untimed) and report their max error against the XLA reference.")
   flags.DEFINE_bool("quick", False, "Small sizes, 2 repeats: a smoke run (overrides sizes).")
 
 
@@ -422,7 +453,7 @@ def settings_from_flags() -> Settings:
       page_size=f.page_size, dtype=f.dtype, peak_gbps=f.peak_gbps, repeats=f.repeats,
       tuning=tuple((k, v) for k, v in tuning.items() if v is not None),
       chunk_sizes=tuple(int(n) for n in f.chunk_sizes), prefill_batch=f.prefill_batch,
-      prompt_len=f.prompt_len, model_chunk=f.model_chunk, model=f.model)
+      prompt_len=f.prompt_len, model_chunk=f.model_chunk, model=f.model, interpret=f.interpret)
   return s.quick() if f.quick else s
 
 
