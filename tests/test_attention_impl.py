@@ -13,7 +13,8 @@ import pytest
 import jinfer
 from jinfer.cache.page_allocator import pages_for
 from jinfer.cache.paged_kv_cache import PagedKVCache
-from jinfer.decoding import generate as generate_lib
+from jinfer.decoding import programs
+from jinfer.decoding import requests as requests_lib
 from jinfer.errors import InvalidRequestError
 from jinfer.model import resolve_attention_impl
 
@@ -45,7 +46,7 @@ def test_pallas_decode_step_runs_the_kernel(pallas_model):
   cache = PagedKVCache.init(cfg, num_pages=4, page_size=16, batch=2, max_pages_per_seq=2,
                             attention_impl="pallas")
   cache = cache.with_page_tables([[0, 1], [2, 3]], [5, 17])
-  step = generate_lib.decode_step_fn(pallas_model.params, cfg)
+  step = programs.decode_step_fn(pallas_model.params, cfg)
   jaxpr = jax.make_jaxpr(step)(jnp.array([1, 2]), jnp.array([5, 17]), cache)
   assert "pallas_call" in str(jaxpr)
   xla_cache = cache.replace(attention_impl="xla")
@@ -56,7 +57,7 @@ def test_pallas_decode_step_runs_the_kernel(pallas_model):
 def test_pallas_rows_never_write_a_shared_page(pallas_model):
   """Pages a row's decode writes (from its prompt's last, partial page on) are its alone."""
   params = jinfer.SamplingParams(n=2, max_tokens=4)
-  b = generate_lib._prepare(pallas_model, PROMPTS, params)
+  b = requests_lib.prepare_batch(pallas_model, PROMPTS, params)
   page_size, tables_BxM = pallas_model.page_size, b.pages.tables_BxM
   used = tables_BxM[tables_BxM >= 0].tolist()
   for row, prompt in enumerate(b.row_prompt_B[:len(b.rows)]):
@@ -68,7 +69,7 @@ def test_pallas_rows_never_write_a_shared_page(pallas_model):
 
 def test_xla_is_default_and_unpaged(tiny_model):
   assert tiny_model.attention_impl == "xla"
-  b = generate_lib._prepare(tiny_model, PROMPTS, jinfer.SamplingParams(max_tokens=4))
+  b = requests_lib.prepare_batch(tiny_model, PROMPTS, jinfer.SamplingParams(max_tokens=4))
   assert b.pages is None
 
 
@@ -86,9 +87,9 @@ def test_load_model_auto_is_xla_on_cpu(smollm2_gguf_path):
 
 
 def test_bad_attention_impl_is_rejected(tiny_model):
-  with pytest.raises(InvalidRequestError, match="attention_impl 'flash'.*'xla'"):
+  with pytest.raises(InvalidRequestError, match=r"attention_impl must be one of \['xla', 'pallas'\], got 'flash'"):
     dataclasses.replace(tiny_model, attention_impl="flash")
-  with pytest.raises(InvalidRequestError, match="attention_impl 'flash'.*'auto'"):
+  with pytest.raises(InvalidRequestError, match=r"attention_impl must be one of \['auto', 'xla', 'pallas'\], got 'flash'"):
     jinfer.load_model("no-such-model", attention_impl="flash")
   with pytest.raises(InvalidRequestError, match="'auto'"):
     jinfer.Model(tiny_model.config, tiny_model.params, tiny_model.tokenizer, attention_impl="auto")

@@ -15,7 +15,10 @@ import pytest
 
 import jinfer
 from jinfer.cache.page_allocator import NO_PAGE, PageAllocator, pages_for
+from jinfer.buckets import bucket
 from jinfer.decoding import generate as generate_lib
+from jinfer.decoding import requests as requests_lib
+from jinfer.decoding.results import GenerationStats
 from jinfer.errors import CacheFullError
 
 # With 8-token pages: a partial last page, a prompt of exactly two pages, one of a single token.
@@ -82,7 +85,7 @@ def _check_plan(b, page_size: int) -> None:
     assert kept[p] == (1 if len(ids) % page_size else 0)
     needed += len(ids) // page_size
   assert len(holders) == needed
-  assert held.max() < plan.num_pages == min(generate_lib.bucket(needed, minimum=1),
+  assert held.max() < plan.num_pages == min(bucket(needed, minimum=1),
                                             batch * max_pages)
   assert (plan.tables_BxM[len(b.rows):] == NO_PAGE).all()  # padding rows write nowhere
   assert (plan.prompt_tables_PxM[len(b.prompt_ids):] == NO_PAGE).all()
@@ -90,7 +93,7 @@ def _check_plan(b, page_size: int) -> None:
 
 def test_rows_share_full_prompt_pages_and_own_what_they_write(tiny_model):
   params = dataclasses.replace(GREEDY, n=3)
-  b = generate_lib._prepare(_paged(tiny_model, page_size=8), PROMPTS, params)
+  b = requests_lib.prepare_batch(_paged(tiny_model, page_size=8), PROMPTS, params)
   _check_plan(b, page_size=8)
   batch, max_pages = b.pages.tables_BxM.shape
   assert b.pages.num_pages < batch * max_pages
@@ -105,7 +108,7 @@ def test_rows_share_full_prompt_pages_and_own_what_they_write(tiny_model):
 def test_page_plan_properties(tiny_model, lengths, ns, max_tokens, page_size):
   prompts = [[5] * n for n in lengths]
   params = [jinfer.SamplingParams(n=n, max_tokens=t) for n, t in zip(ns, max_tokens)]
-  b = generate_lib._prepare(_paged(tiny_model, page_size), prompts, params[:len(prompts)])
+  b = requests_lib.prepare_batch(_paged(tiny_model, page_size), prompts, params[:len(prompts)])
   _check_plan(b, page_size)
 
 
@@ -135,7 +138,7 @@ def test_pool_holds_what_the_batch_uses(tiny_model):
   """One 40-token prompt, n=4, max_tokens=16, 16-token pages: 2 shared prompt pages, then per
   row the partial page (3 copies and the original) and a decode page: 10 pages, bucketed to 16
   (private tables needed 4 rows * 5 pages)."""
-  b = generate_lib._prepare(_paged(tiny_model, page_size=16), [list(range(40))],
+  b = requests_lib.prepare_batch(_paged(tiny_model, page_size=16), [list(range(40))],
                             jinfer.SamplingParams(n=4, max_tokens=16, ignore_eos=True))
   tables_BxM = b.pages.tables_BxM
   assert tables_BxM.shape == (4, 5) and np.unique(tables_BxM[tables_BxM >= 0]).size == 10
@@ -144,10 +147,10 @@ def test_pool_holds_what_the_batch_uses(tiny_model):
 
 def test_prompt_bucket_is_whole_pages(tiny_model):
   for page_size, length in [(4, 16), (32, 32), (24, 24)]:
-    b = generate_lib._prepare(_paged(tiny_model, page_size), [[1] * 12],
+    b = requests_lib.prepare_batch(_paged(tiny_model, page_size), [[1] * 12],
                               jinfer.SamplingParams(max_tokens=2))
     assert b.tokens_PxT.shape[1] == length
-  b = generate_lib._prepare(dataclasses.replace(tiny_model, page_size=24), [[1] * 12],
+  b = requests_lib.prepare_batch(dataclasses.replace(tiny_model, page_size=24), [[1] * 12],
                             jinfer.SamplingParams(max_tokens=2))
   assert b.tokens_PxT.shape[1] == 16 and b.pages is None  # pages matter only to "pallas"
 
@@ -161,8 +164,8 @@ def int8_model(tiny_model):
 
 
 def _prefill_cache(model, params):
-  b = generate_lib._prepare(model, PROMPTS, params)
-  return generate_lib._run_prefill(model, b, generate_lib.GenerationStats()).cache
+  b = requests_lib.prepare_batch(model, PROMPTS, params)
+  return generate_lib.run_prefill(model, b, GenerationStats()).cache
 
 
 def test_int8_cache_generate_xla(tiny_model, int8_model):

@@ -138,7 +138,8 @@ def test_orbax_round_trip_keeps_quantized_form(tiny_model, tmp_path, mode):
 
 
 def test_load_model_rejects_unknown_quantize():
-  with pytest.raises(jinfer.InvalidRequestError, match="quantize='int3' is not supported"):
+  with pytest.raises(jinfer.InvalidRequestError,
+                     match=r"quantize must be one of \[None, 'int8', 'w8a8', 'int4'\], got 'int3'"):
     jinfer.load_model("no-such-model", quantize="int3")
 
 
