@@ -160,6 +160,33 @@ def test_long_context_attention_is_split_across_threads():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_decode_attention_matches_the_gather_path(dtype):
+  """Against PagedKVCache's XLA path (gather every page, mask): shuffled pages, NaN in every
+  page no row holds, a row on a NO_PAGE table entry, rows of different lengths."""
+  from jinfer.cache.paged_kv_cache import PagedKVCache  # pylint: disable=g-import-not-at-top
+  kv_heads, groups, page_size, head_dim, num_pages = 2, 3, 4, 64, 12
+  tables = np.array([[7, 2, 9, 0], [5, 11, -1, -1], [3, -1, -1, -1]], np.int32)
+  positions = jnp.array([13, 9, 0])  # row 1 reads a NO_PAGE entry: zeros on both paths
+  q = _normal(3, kv_heads * groups, head_dim).astype(dtype)
+  pool = lambda: np.array(_normal(kv_heads, num_pages, page_size, head_dim))
+  k_pages, v_pages = pool(), pool()
+  unused = [p for p in range(num_pages) if p not in tables]
+  k_pages[:, unused], v_pages[:, unused] = np.nan, np.nan
+  k_pages, v_pages = jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype)
+  cache = PagedKVCache(k_pages=(k_pages,), v_pages=(v_pages,), k_scales=(), v_scales=(),
+                       page_tables=jnp.asarray(tables), lengths=positions + 1)
+  want = cache._gather_attend(0, q[:, None], positions[:, None])[:, 0]
+  fn = lambda *a: cpu_kernels.paged_decode_attention(*a, fallback=_wrong(q))
+  args = (q, k_pages, v_pages, jnp.asarray(tables), positions)
+  assert "jinfer_paged_decode_attention" in _lowered_text(fn, *args)
+  got = jax.jit(fn)(*args)
+  assert got.dtype == dtype and bool(jnp.isfinite(got.astype(jnp.float32)).all())
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
+
+
+@needs_kernels
 def test_model_decode_equals_decode_without_kernels(tiny_model):
   """Greedy decode through the kernels gives the tokens XLA's own ops give (kernels off in a
   subprocess, since the choice is made when the kernels are first loaded)."""

@@ -47,6 +47,8 @@ unchanged. `keys_values` gathers each row's pages into a contiguous [B, K, S, H]
 pure-XLA path. With the static `attention_impl="pallas"`, `attend` runs one-token (decode)
 queries through the Pallas paged-attention kernel instead, which reads the pages in place
 (compiled on TPU/GPU, interpret mode on CPU); multi-token queries (prefill) use the gather path.
+With "xla" on CPU, one-token queries over float pools run jinfer's native paged decode
+attention (`cpu_kernels.paged_decode_attention`), which also reads pages in place.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer import cpu_kernels
 from jinfer.cache.page_allocator import NO_PAGE
 from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
@@ -220,6 +223,14 @@ class PagedKVCache:
           q_BxTxNxH[:, 0], self.k_pages[layer], self.v_pages[layer], self.page_tables,
           positions_BxT[:, 0] + 1, backend=backend, interpret=interpret, **scales)
       return out_BxNxH[:, None]
+    if q_BxTxNxH.shape[1] == 1 and not self.quantized:  # a decode step: the fused CPU kernel
+      return cpu_kernels.paged_decode_attention(
+          q_BxTxNxH[:, 0], self.k_pages[layer], self.v_pages[layer], self.page_tables,
+          positions_BxT[:, 0],
+          fallback=lambda: self._gather_attend(layer, q_BxTxNxH, positions_BxT)[:, 0])[:, None]
+    return self._gather_attend(layer, q_BxTxNxH, positions_BxT)
+
+  def _gather_attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array):
     k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
     out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT,
                             k_positions_S[None, :])

@@ -3,6 +3,7 @@ XLA through its FFI.
 
 XLA:CPU reads float32 weights at near memory bandwidth but converts int8, int4 and bfloat16
 weights to a float32 copy before every dot, so smaller weights decode *slower* than float32.
+`paged_decode_attention` does the same for a paged pool, reading pages in place.
 These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
 int4 codes + scales + offsets) and return x @ W.T as [..., N]. `decode_attention` fuses a
@@ -78,6 +79,26 @@ def decode_attention(q_BxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Ar
   def on_cpu():
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_BxNxH.shape, jnp.float32))(
         q_BxNxH.astype(jnp.float32), k_BxKxSxH, v_BxKxSxH, positions_B.astype(jnp.int32))
+    return out.astype(q_BxNxH.dtype)
+
+  return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
+
+
+def paged_decode_attention(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
+                           v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
+                           positions_B: jax.Array, fallback: Callable[[], jax.Array]) -> jax.Array:
+  """`decode_attention` over a paged pool: position p of row b is in page
+  page_tables[b, p // S_page] at slot p % S_page; [B, N, H] in q's dtype."""
+  target = {jnp.dtype(jnp.float32): "jinfer_paged_decode_attention_f32",
+            jnp.dtype(jnp.bfloat16): "jinfer_paged_decode_attention_bf16"
+            }.get(jnp.dtype(k_pages_KxPxSxH.dtype))
+  if target is None or v_pages_KxPxSxH.dtype != k_pages_KxPxSxH.dtype or not build.load():
+    return fallback()
+
+  def on_cpu():
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_BxNxH.shape, jnp.float32))(
+        q_BxNxH.astype(jnp.float32), k_pages_KxPxSxH, v_pages_KxPxSxH,
+        page_tables_BxM.astype(jnp.int32), positions_B.astype(jnp.int32))
     return out.astype(q_BxNxH.dtype)
 
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)

@@ -35,6 +35,8 @@ TARGETS = {
     "jinfer_matmul_int4": "JinferMatmulInt4",
     "jinfer_decode_attention_f32": "JinferDecodeAttentionF32",
     "jinfer_decode_attention_bf16": "JinferDecodeAttentionBF16",
+    "jinfer_paged_decode_attention_f32": "JinferPagedDecodeAttentionF32",
+    "jinfer_paged_decode_attention_bf16": "JinferPagedDecodeAttentionBF16",
 }
 DISABLE_ENV = "JINFER_CPU_KERNELS"  # set to 0 to keep XLA's own ops
 

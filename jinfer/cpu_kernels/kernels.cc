@@ -6,9 +6,10 @@
 // in registers and multiplied into the M rows: decode is bound by reading the weights, and
 // XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy first).
 //
-// Decode attention: one query token per row over a contiguous [B, K, S, H] KV cache, fused
-// (scores, softmax and the weighted sum of values in one pass per KV head) in place of the
-// dozen small XLA ops and the per-step transposed copy of V that the XLA math compiles to.
+// Decode attention: one query token per row over a contiguous [B, K, S, H] KV cache, or over a
+// paged pool [K, P, S_page, H] through page tables, fused (scores, softmax and the weighted sum
+// of values in one pass per KV head) in place of the dozen small XLA ops and the per-step
+// transposed copy of V (for pages: the gather of every page) that the XLA math compiles to.
 //
 // Reading at memory bandwidth takes both cores and enough loads in flight: rows are split into
 // one contiguous range per thread, run by helper threads that stay awake between the kernels of
@@ -475,9 +476,9 @@ inline void AddScaled(float p, const Row& v, int64_t H, float* out) {
 }
 
 // out[b, n, :] = softmax_s(q[b, n] . k[b, kv, s] / sqrt(H)) @ v[b, kv, :, :] over slots
-// s <= positions[b] (a contiguous cache keeps position p in slot p), kv = n / (N / K).
-template <typename Row, typename Elem>
-void AttendOneHead(const float* q_GxH, const Elem* k_SxH, const Elem* v_SxH, int64_t groups,
+// s < visible, kv = n / (N / K); k_at(s) / v_at(s) give the H elements of slot s.
+template <typename Row, typename KeyAt, typename ValueAt>
+void AttendOneHead(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
                    int64_t visible, int64_t H, float* out_GxH, float* scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   for (int64_t g = 0; g < groups; ++g) {
@@ -485,13 +486,24 @@ void AttendOneHead(const float* q_GxH, const Elem* k_SxH, const Elem* v_SxH, int
     float* out = out_GxH + g * H;
     float max_score = -INFINITY;
     for (int64_t s = 0; s < visible; ++s) {
-      scores[s] = Dot(q, Row{k_SxH + s * H}, H) * scale;
+      scores[s] = Dot(q, Row{k_at(s)}, H) * scale;
       max_score = std::max(max_score, scores[s]);
     }
     float total = 0.0f;
     for (int64_t s = 0; s < visible; ++s) total += scores[s] = std::exp(scores[s] - max_score);
     for (int64_t h = 0; h < H; ++h) out[h] = 0.0f;
-    for (int64_t s = 0; s < visible; ++s) AddScaled(scores[s] / total, Row{v_SxH + s * H}, H, out);
+    for (int64_t s = 0; s < visible; ++s) AddScaled(scores[s] / total, Row{v_at(s)}, H, out);
+  }
+}
+
+// Runs heads(begin, end) over the B * K (row, KV head) pairs, threaded when `work` (cache
+// elements read) is worth waking the helpers for.
+template <typename Heads>
+void ForEachHead(ffi::ThreadPool pool, int64_t pairs, int64_t work, Heads heads) {
+  if (work < (int64_t{1} << 14)) {
+    heads(0, pairs);
+  } else {
+    ParallelFor(pool, pairs, heads, /*chunk=*/1);
   }
 }
 
@@ -517,18 +529,63 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       const int64_t b = bk / K, kv = bk % K;
       // A padding row (position < 0) sees slot 0 only: finite values, discarded by the caller.
       const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, S);
-      AttendOneHead<Row>(qp + (b * N + kv * groups) * H, kp + (b * K + kv) * S * H,
-                         vp + (b * K + kv) * S * H, groups, visible, H,
+      const Elem* k_SxH = kp + (b * K + kv) * S * H;
+      const Elem* v_SxH = vp + (b * K + kv) * S * H;
+      AttendOneHead<Row>(qp + (b * N + kv * groups) * H, [=](int64_t s) { return k_SxH + s * H; },
+                         [=](int64_t s) { return v_SxH + s * H; }, groups, visible, H,
                          op + (b * N + kv * groups) * H, scores.data());
     }
   };
-  int64_t work = 0;  // cache elements read, to skip threading when a wake-up costs more
+  int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += std::clamp<int64_t>(pos[b] + 1, 1, S) * K * H;
-  if (work < (int64_t{1} << 14)) {
-    heads(0, B * K);
-  } else {
-    ParallelFor(pool, B * K, heads, /*chunk=*/1);
-  }
+  ForEachHead(pool, B * K, work, heads);
+  return ffi::Error::Success();
+}
+
+// The same over a paged cache: pools [K, P, S_page, H] and page tables [B, M]; position s of
+// row b lives in page tables[b, s / S_page] at slot s % S_page. Table entries that hold no page
+// (NO_PAGE, or any id outside the pool) read as zeros, as the XLA gather path does.
+template <ffi::DataType D, typename Row, typename Elem>
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                ffi::Buffer<D> k_pages, ffi::Buffer<D> v_pages,
+                                ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  const auto kd = k_pages.dimensions();
+  const int64_t K = kd[0], P = kd[1], Sp = kd[2], H = kd[3], N = q.dimensions()[1];
+  const int64_t B = tables.dimensions()[0], M = tables.dimensions()[1];
+  const auto vd = v_pages.dimensions();
+  if (q.dimensions()[0] != B || q.dimensions()[2] != H || N % K != 0 || vd[0] != K ||
+      vd[1] != P || vd[2] != Sp || vd[3] != H || positions.dimensions()[0] != B)
+    return ffi::Error::InvalidArgument(
+        "jinfer paged decode attention: q, pages, tables, positions disagree");
+  const int64_t groups = N / K;
+  const float* qp = q.typed_data();
+  const Elem* kp = reinterpret_cast<const Elem*>(k_pages.untyped_data());
+  const Elem* vp = reinterpret_cast<const Elem*>(v_pages.untyped_data());
+  const int32_t* tp = tables.typed_data();
+  const int32_t* pos = positions.typed_data();
+  float* op = out->typed_data();
+  auto heads = [=](int64_t begin, int64_t end) {
+    std::vector<float> scores(M * Sp);
+    const std::vector<Elem> zeros(H, Elem{0});
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, kv = bk % K;
+      const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, M * Sp);
+      const int32_t* table = tp + b * M;
+      auto at = [=, &zeros](const Elem* pool_base) {
+        return [=, &zeros](int64_t s) -> const Elem* {
+          const int32_t page = table[s / Sp];
+          if (page < 0 || page >= P) return zeros.data();
+          return pool_base + ((kv * P + page) * Sp + s % Sp) * H;
+        };
+      };
+      AttendOneHead<Row>(qp + (b * N + kv * groups) * H, at(kp), at(vp), groups, visible, H,
+                         op + (b * N + kv * groups) * H, scores.data());
+    }
+  };
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += std::clamp<int64_t>(pos[b] + 1, 1, M * Sp) * K * H;
+  ForEachHead(pool, B * K, work, heads);
   return ffi::Error::Success();
 }
 
@@ -552,6 +609,21 @@ ffi::Error BF16Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
                          ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> positions,
                          ffi::ResultBuffer<ffi::F32> out) {
   return DecodeAttention<ffi::BF16, BF16Row, uint16_t>(pool, q, k, v, positions, out);
+}
+
+ffi::Error F32PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  return PagedDecodeAttention<ffi::F32, F32Row, float>(pool, q, k, v, tables, positions, out);
+}
+
+ffi::Error BF16PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                              ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  return PagedDecodeAttention<ffi::BF16, BF16Row, uint16_t>(pool, q, k, v, tables, positions,
+                                                            out);
 }
 
 }  // namespace
@@ -602,5 +674,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeAttentionBF16, BF16Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeAttentionF32, F32PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeAttentionBF16, BF16PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
