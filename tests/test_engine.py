@@ -244,3 +244,21 @@ def test_async_streams_run_together_and_a_closed_stream_aborts(tiny_model):
   while engine.has_unfinished() and time.monotonic() < deadline:
     time.sleep(0.01)
   _idle(engine)
+
+
+@pytest.mark.slow
+def test_serving_benchmark_on_the_tiny_model(tiny_model):
+  from jinfer.engine import benchmark as serving  # pylint: disable=g-import-not-at-top
+  cfg = serving.ServingConfig(num_requests=6, min_prompt=4, max_prompt=40, min_output=2,
+                              max_output=20, max_num_seqs=4, static_batch=2, parity_batch=2,
+                              request_rate=50.0)
+  results = serving.run_serving(tiny_model, cfg, ["transformers"], None, log=lambda _: None)
+  engine, static = results["rows"]
+  assert engine["tokens"] == static["tokens"] == sum(
+      n for _, n in serving.workload(tiny_model.tokenizer, cfg))
+  assert engine["num_compilations_after_warmup"] == 0
+  assert 0 < engine["ttft_p50_ms"] <= engine["ttft_p99_ms"]
+  assert "transformers" in results["skipped"]  # no checkpoint path for an in-memory model
+  assert results["parity"]["engine_ms_per_step"] > 0
+  assert "| jinfer engine |" in serving.format_serving(results)
+  assert len(set(serving.arrival_times(cfg))) == cfg.num_requests  # Poisson: distinct times

@@ -45,6 +45,18 @@ def define_flags() -> None:
       "quantize", [], f"Also measure these quantized formats (any of {list(QUANT_FORMATS)}).")
   flags.DEFINE_bool(
       "perplexity", False, "Also measure the perplexity and parameter bytes of every format.")
+  flags.DEFINE_bool(
+      "serving", False, "Measure serving instead (jinfer/engine/benchmark.py): the engine "
+      "against static batching on a request workload, with TTFT/TPOT percentiles.")
+  flags.DEFINE_integer("num_requests", 64, "--serving: requests in the workload.", lower_bound=1)
+  flags.DEFINE_float("request_rate", float("inf"),
+                     "--serving: Poisson arrival rate (requests/s); inf submits all at once.",
+                     lower_bound=0)
+  flags.DEFINE_integer("max_num_seqs", 64, "--serving: engine slots.", lower_bound=1)
+  flags.DEFINE_integer("static_batch", 8, "--serving: batch size of the static batching rows.",
+                       lower_bound=1)
+  flags.DEFINE_integer("steps_per_call", 8, "--serving: engine decode steps per host call.",
+                       lower_bound=1)
 
 
 def _integers(flag: str) -> tuple[int, ...]:
@@ -84,6 +96,9 @@ def main(argv) -> None:
                              "not exist; create it or write elsewhere.")
   model = jinfer.load_model(FLAGS.model, dtype="float32", attention_impl=FLAGS.attention_impl)
   kind, path = registry.resolve(FLAGS.model)
+  if FLAGS.serving:
+    _serve(model, benchmark.PeerContext(kind, str(path), ()))
+    return
   ctx = benchmark.PeerContext(
       kind, str(path), tuple(benchmark.build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
   results = benchmark.run_benchmark(model, cfg, FLAGS.peers, ctx)
@@ -97,6 +112,19 @@ def main(argv) -> None:
   if FLAGS.perplexity:
     results["perplexity"] = benchmark.bench_perplexity(model, cfg.dtypes + cfg.quantize)
   print(benchmark.report(results))
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {FLAGS.json_out}")
+
+
+def _serve(model, ctx) -> None:
+  from jinfer.engine import benchmark as serving  # pylint: disable=g-import-not-at-top
+  cfg = serving.ServingConfig(num_requests=FLAGS.num_requests, request_rate=FLAGS.request_rate,
+                              max_num_seqs=FLAGS.max_num_seqs, static_batch=FLAGS.static_batch,
+                              steps_per_call=FLAGS.steps_per_call)
+  results = serving.run_serving(model, cfg, FLAGS.peers, ctx)
+  print(serving.format_serving(results))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(results, f, indent=2)

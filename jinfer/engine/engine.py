@@ -141,6 +141,8 @@ class Engine:
     self._stepper: Optional[threading.Thread] = None
     self._stepper_lock = threading.Lock()
     self.generated_tokens = 0
+    self._decode_seconds = 0.0  # in decode calls, read-back included
+    self._decode_steps = 0
 
   # ----------------------------------------------------------------------------- public API
 
@@ -278,6 +280,7 @@ class Engine:
             "total_pages": s.pages.num_pages, "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
             "generated_tokens": self.generated_tokens,
             "num_compilations": self._programs.num_compiled,
+            "decode_seconds": self._decode_seconds, "decode_steps": self._decode_steps,
             "compile_seconds": self._compile_stats.compile_s}
 
   def warmup(self) -> float:
@@ -389,8 +392,11 @@ class Engine:
     args = (self.model.params, self._state)
     program = self._program(programs.generate, *args, config=self.model.config,
                             num_steps=self.steps_per_call, table_width=width)
+    start = time.perf_counter()
     self._state, tokens_BxK, logprobs_BxK, top_ids, top_values = program(*args)
     num_generated_B = np.asarray(self._state.decode.num_generated_B)
+    self._decode_seconds += time.perf_counter() - start
+    self._decode_steps += max(int(num_generated_B[s.seq.slot]) - before[id(s)] for s in running)
     tokens_BxK, logprobs_BxK = np.asarray(tokens_BxK), np.asarray(logprobs_BxK)
     top_ids, top_values = np.asarray(top_ids), np.asarray(top_values)
     for sample in running:
