@@ -262,3 +262,26 @@ def test_serving_benchmark_on_the_tiny_model(tiny_model):
   assert results["parity"]["engine_ms_per_step"] > 0
   assert "| jinfer engine |" in serving.format_serving(results)
   assert len(set(serving.arrival_times(cfg))) == cfg.num_requests  # Poisson: distinct times
+
+
+@pytest.mark.slow
+def test_smollm2_engine_equals_generate_through_chunks_preemption_and_prefix_hits(smollm2):
+  """The real model: greedy and seeded requests, a chunked 300-token prompt, a pool small enough
+  to preempt, and a second pass that hits the prefix cache."""
+  from jinfer.evaluate import default_text  # pylint: disable=g-import-not-at-top
+  ids = smollm2.tokenizer.encode(default_text())
+  prompts = [ids[:300], ids[500:540], ids[40:60], ids[1000:1100]]
+  params = [jinfer.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+            jinfer.SamplingParams(temperature=0.8, seed=7, max_tokens=20, ignore_eos=True, n=2),
+            jinfer.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+            jinfer.SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=30,
+                                  ignore_eos=True)]
+  want = jinfer.generate(smollm2, prompts, params)
+  llm = LLM(smollm2, max_num_seqs=4, max_model_len=336, max_batched_tokens=128,
+            num_pages=24, steps_per_call=4)  # 24 pages of 16 tokens: preemption
+  for _ in range(2):
+    got = llm.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+  metrics = llm.engine.metrics()
+  assert metrics["num_preemptions"] > 0 and metrics["prefix_cache_hit_rate"] > 0
+  _idle(llm.engine)
