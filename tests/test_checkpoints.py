@@ -848,6 +848,17 @@ def test_check_params_compares_quantized_weights_by_logical_shape():
     validation.check_params(bad, cfg, "test")
 
 
+def _edited_config(tmp_path, checkpoint, edit: dict):
+  """Saves `checkpoint` (config, params, tokenizer), then edits its saved config's fields;
+  returns (checkpoint dir, config file)."""
+  target = orbax_io.save(tmp_path / "ckpt", *checkpoint)
+  config_file = target / orbax_io.CONFIG_FILE
+  meta = json.loads(config_file.read_text())
+  meta["config"].update(edit)
+  config_file.write_text(json.dumps(meta))
+  return target, config_file
+
+
 @pytest.mark.parametrize("edit,words", [
     (dict(vocab_size=300), ["'embed'", "(256, 64)", "vocab_size=300", "(300, 64)"]),
     (dict(d_model=32), ["'embed'", "d_model=32", "(256, 32)"]),
@@ -862,12 +873,7 @@ def test_check_params_compares_quantized_weights_by_logical_shape():
 ])
 def test_edited_orbax_config_is_named_before_reading_data(tmp_path, tiny_checkpoint, monkeypatch,
                                                           edit, words):
-  config, params, tokenizer = tiny_checkpoint
-  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
-  config_file = target / orbax_io.CONFIG_FILE
-  meta = json.loads(config_file.read_text())
-  meta["config"].update(edit)
-  config_file.write_text(json.dumps(meta))
+  target, config_file = _edited_config(tmp_path, tiny_checkpoint, edit)
 
   def no_reads(self):
     raise AssertionError("array data was read before the config was checked")
@@ -908,16 +914,12 @@ def test_edited_config_of_a_quantized_orbax_checkpoint(tmp_path, tiny_checkpoint
     (dict(vocab_size=None), ["vocab_size", "positive integer"]),
 ])
 def test_invalid_orbax_config_values(tmp_path, tiny_checkpoint, edit, words):
-  config, params, tokenizer = tiny_checkpoint
-  target = orbax_io.save(tmp_path / "ckpt", config, params, tokenizer)
-  config_file = target / orbax_io.CONFIG_FILE
-  meta = json.loads(config_file.read_text())
-  meta["config"].update(edit)
-  config_file.write_text(json.dumps(meta))
+  target, config_file = _edited_config(tmp_path, tiny_checkpoint, edit)
   with pytest.raises(CheckpointError) as e:
     orbax_io.load(target)
   for word in (*words, str(config_file)):
     assert word in str(e.value), (word, str(e.value))
+  meta = json.loads(config_file.read_text())
   del meta["config"]["d_ff"]
   config_file.write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match=r"lacks fields \['d_ff'\]"):
