@@ -42,7 +42,7 @@ class ServingConfig:
   max_num_seqs: int = 64
   static_batch: int = 8
   steps_per_call: int = 8
-  max_batched_tokens: int = 512
+  max_batched_tokens: int = 2048
   parity_batch: int = 8
 
 

@@ -91,7 +91,7 @@ class Engine:
 
   def __init__(self, model, *, max_num_seqs: int = 64, page_size: int = 16,
                num_pages: Optional[int] = None, max_model_len: Optional[int] = None,
-               max_batched_tokens: int = 512, steps_per_call: int = 4,
+               max_batched_tokens: int = 2048, steps_per_call: int = 4,
                max_logprobs: int = MAX_LOGPROBS, kv_cache_bytes: int = 2 << 30,
                enable_prefix_caching: bool = True,
                compilation_cache_dir: Optional[str] = None):
@@ -143,6 +143,7 @@ class Engine:
     self.generated_tokens = 0
     self._decode_seconds = 0.0  # in decode calls, read-back included
     self._decode_steps = 0
+    self._prefill_seconds = 0.0  # in prefill-chunk, insert and restore calls
 
   # ----------------------------------------------------------------------------- public API
 
@@ -259,11 +260,15 @@ class Engine:
       plan = self._scheduler.schedule()
       self._sync()
       advanced = []
+      start = time.perf_counter()
       for chunk in plan.prefill:
         sample = self._by_seq[chunk.seq.seq_id]
         self._prefill(chunk)
         if chunk.completes:
           advanced.append(sample)
+      if plan.prefill:
+        jax.block_until_ready(self._state.decode.num_generated_B)
+        self._prefill_seconds += time.perf_counter() - start
       if any(s.seq.status is Status.FINISHED for s in advanced):
         self._sync()
       running = [self._by_seq[s.seq_id] for s in plan.decode if s.status is Status.RUNNING]
@@ -281,6 +286,7 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "num_compilations": self._programs.num_compiled,
             "decode_seconds": self._decode_seconds, "decode_steps": self._decode_steps,
+            "prefill_seconds": self._prefill_seconds,
             "compile_seconds": self._compile_stats.compile_s}
 
   def warmup(self) -> float:
