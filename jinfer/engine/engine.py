@@ -204,10 +204,10 @@ class Engine:
     `step()` yourself meanwhile). Closing the iterator early (a client that went away, a
     cancelled task) aborts the request, which frees its pages at once.
     """
-    loop = asyncio.get_running_loop()
+    event_loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     request_id = self.add_request(prompt, params, request_id)
-    self._queues[request_id] = (queue, loop)
+    self._queues[request_id] = (queue, event_loop)
     remaining = (params or SamplingParams()).n
     try:
       self._ensure_stepping()
@@ -238,15 +238,15 @@ class Engine:
       try:
         outputs = self.step()
       except Exception as e:  # pylint: disable=broad-except  (every stream raises it)
-        for queue, loop in list(self._queues.values()):
-          loop.call_soon_threadsafe(queue.put_nowait, e)
+        for queue, event_loop in list(self._queues.values()):
+          event_loop.call_soon_threadsafe(queue.put_nowait, e)
         with self._stepper_lock:
           self._stepper = None
         return
       for out in outputs:
-        queue, loop = self._queues.get(out.request_id, (None, None))
+        queue, event_loop = self._queues.get(out.request_id, (None, None))
         if queue is not None:
-          loop.call_soon_threadsafe(queue.put_nowait, out)
+          event_loop.call_soon_threadsafe(queue.put_nowait, out)
 
   def has_unfinished(self) -> bool:
     return self._scheduler.has_unfinished() or bool(self._aborted)
