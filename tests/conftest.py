@@ -18,9 +18,7 @@ from jinfer.models import llama
 # run: 6m50s -> 2m24s measured). Every program is cached, however quick its compile. The key is
 # the lowered program, so a code change that alters a program misses; tracing and lowering still
 # run on every call, and with them the registration of the CPU kernels' FFI targets that cached
-# programs call. Off by default: one full-suite run aborted inside JAX while reading an entry
-# (jax 0.10.2, compilation_cache.get_executable_and_time) as another test run used the same
-# directory, and a CI run must not depend on what other runs left behind.
+# programs call. Off by default, so that a run never depends on what other runs left behind.
 JAX_CACHE_ENV = "JINFER_TEST_JAX_CACHE"
 _jax_cache = os.environ.get(JAX_CACHE_ENV, "")
 if _jax_cache not in ("", "0"):
