@@ -47,6 +47,24 @@ def test_greedy_equals_generate_with_chunked_prefill(tiny_model, llm):
   _idle(llm.engine)
 
 
+def test_decode_batch_shrinks_to_row_buckets_with_the_same_outputs(tiny_model):
+  # 20 slots: decode runs the live ones gathered into 16 rows, then 8 as requests finish,
+  # padded with idle slots; outputs still equal generate's, sampled ones included.
+  engine = LLM(tiny_model, **{**SMALL, "max_num_seqs": 20, "max_batched_tokens": 64})
+  prompts = [PROMPTS[i % 4] + " " * (i // 4) for i in range(10)]
+  params = [dataclasses.replace(GREEDY[i % 4], max_tokens=2 + 2 * i) for i in range(9)] + [SEEDED]
+  _assert_same(engine.generate(prompts, params), jinfer.generate(tiny_model, prompts, params))
+  _idle(engine.engine)
+
+
+def test_int8_kv_engine_packs_prefill_through_the_gather_path(tiny_model):
+  # int8 pools have no in-place kernel: a pack of 128 one-token rows attends 64 rows at a time.
+  model = dataclasses.replace(tiny_model, kv_cache_dtype="int8")
+  engine = LLM(model, **{**SMALL, "max_batched_tokens": 128})
+  _assert_same(engine.generate(PROMPTS * 2, GREEDY * 2), jinfer.generate(model, PROMPTS * 2, GREEDY * 2))
+  _idle(engine.engine)
+
+
 def test_seeded_samples_logprobs_and_n_equal_generate(tiny_model, llm):
   got = llm.generate(PROMPTS[:2], SEEDED)
   want = jinfer.generate(tiny_model, PROMPTS[:2], SEEDED)

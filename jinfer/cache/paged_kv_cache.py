@@ -67,6 +67,7 @@ from jinfer.models.config import LlamaConfig
 from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
 
 IntArray = Union[jax.Array, np.ndarray, Sequence[int]]
+GATHER_ROWS = 64  # one-token rows the gather path attends at a time
 ATTENTION_IMPLS = ("xla", "pallas")
 
 
@@ -126,6 +127,15 @@ class PagedKVCache:
   def quantized(self) -> bool:
     """Whether the pools hold int8 codes plus scales."""
     return bool(self.k_scales)
+
+  @property
+  def decode_reads_pages_in_place(self) -> bool:
+    """Whether one-token attention reads each row's pages where they lie, up to the row's
+    position (a kernel), so that its cost does not grow with the page-table width; the gather
+    path copies the whole table's pages first."""
+    if self.attention_impl == "pallas":
+      return True
+    return not self.quantized and cpu_kernels.has_paged_decode_attention(self.k_pages[0].dtype)
 
   @property
   def max_pages_per_seq(self) -> int:
@@ -231,6 +241,16 @@ class PagedKVCache:
     return self._gather_attend(layer, q_BxTxNxH, positions_BxT)
 
   def _gather_attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array):
+    b, t = q_BxTxNxH.shape[:2]
+    if t == 1 and b > GATHER_ROWS and b % GATHER_ROWS == 0:
+      # Many one-token rows (an engine's packed prefill): a block of rows at a time, so that
+      # the gathered copies stay GATHER_ROWS rows of the table, not one per token.
+      blocks = lambda x: x.reshape(b // GATHER_ROWS, GATHER_ROWS, *x.shape[1:])
+      attend_block = lambda args: self.with_page_tables(*args[2:])._gather_attend(
+          layer, args[0], args[1])
+      out = jax.lax.map(attend_block, (blocks(q_BxTxNxH), blocks(positions_BxT),
+                                       blocks(self.page_tables), blocks(self.lengths)))
+      return out.reshape(q_BxTxNxH.shape)
     k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
     out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT,
                             k_positions_S[None, :])

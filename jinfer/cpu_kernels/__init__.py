@@ -84,14 +84,23 @@ def decode_attention(q_BxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Ar
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
 
 
+_PAGED_DECODE_ATTENTION = {jnp.dtype(jnp.float32): "jinfer_paged_decode_attention_f32",
+                           jnp.dtype(jnp.bfloat16): "jinfer_paged_decode_attention_bf16"}
+
+
+def has_paged_decode_attention(dtype) -> bool:
+  """Whether `paged_decode_attention` runs the kernel (not its fallback) for pools of `dtype`
+  on this process's default backend."""
+  return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in _PAGED_DECODE_ATTENTION
+          and build.load())
+
+
 def paged_decode_attention(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
                            v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
                            positions_B: jax.Array, fallback: Callable[[], jax.Array]) -> jax.Array:
   """`decode_attention` over a paged pool: position p of row b is in page
   page_tables[b, p // S_page] at slot p % S_page; [B, N, H] in q's dtype."""
-  target = {jnp.dtype(jnp.float32): "jinfer_paged_decode_attention_f32",
-            jnp.dtype(jnp.bfloat16): "jinfer_paged_decode_attention_bf16"
-            }.get(jnp.dtype(k_pages_KxPxSxH.dtype))
+  target = _PAGED_DECODE_ATTENTION.get(jnp.dtype(k_pages_KxPxSxH.dtype))
   if target is None or v_pages_KxPxSxH.dtype != k_pages_KxPxSxH.dtype or not build.load():
     return fallback()
 

@@ -1,10 +1,10 @@
 """`Engine`: continuous batching over one long-lived paged KV pool.
 
 Requests are added and aborted at any time; each `step()` runs what the scheduler planned
-(prefill chunks, then `steps_per_call` decode steps of every running slot in one on-device loop)
-and returns what each sequence produced since the last step. A request's tokens do not depend
-on what else is running (per-slot settings, seeds and progress), on when it arrived, on
-preemption or on how its prompt was chunked.
+(prefill chunks packed in one call, then `steps_per_call` decode steps of the running slots in
+one on-device loop) and returns what each sequence produced since the last step. A request's
+tokens do not depend on what else is running (per-slot settings, seeds and progress), on when it
+arrived, on preemption or on how its prompt was chunked.
 
     engine = jinfer.Engine(model, max_num_seqs=16)
     rid = engine.add_request("Once upon a time", jinfer.SamplingParams(max_tokens=32))
@@ -85,8 +85,9 @@ class Engine:
   of one step (decode tokens first, prefill chunks fill the rest); `steps_per_call` decode
   steps run per host round trip. With `enable_prefix_caching`, full prompt pages outlive
   their request and later requests with the same prefix reuse them. Programs compile per shape
-  bucket (prefill chunk length, page-table width); `warmup()` compiles them all up front, and
-  `compilation_cache_dir` keeps them on disk across restarts (JAX's persistent cache).
+  bucket (prefill pack length, decode rows, page-table width); `warmup()` compiles them all up
+  front, and `compilation_cache_dir` keeps them on disk across restarts (JAX's persistent
+  cache).
   """
 
   def __init__(self, model, *, max_num_seqs: int = 64, page_size: int = 16,
@@ -261,12 +262,9 @@ class Engine:
       self._sync()
       advanced = []
       start = time.perf_counter()
-      for chunk in plan.prefill:
-        sample = self._by_seq[chunk.seq.seq_id]
-        self._prefill(chunk)
-        if chunk.completes:
-          advanced.append(sample)
       if plan.prefill:
+        self._prefill(plan.prefill)
+        advanced += [self._by_seq[c.seq.seq_id] for c in plan.prefill if c.completes]
         jax.block_until_ready(self._state.decode.num_generated_B)
         self._prefill_seconds += time.perf_counter() - start
       if any(s.seq.status is Status.FINISHED for s in advanced):
@@ -296,19 +294,23 @@ class Engine:
     with self._lock:
       params, config, state = self.model.params, self.model.config, self._state
       i32 = np.int32(0)
+      ends_S = np.zeros((self.max_num_seqs,), np.int32)
       for size in _powers_of_two(16, bucket(self.max_batched_tokens)):
-        self._program(programs.prefill_chunk, params, state, np.zeros((size,), np.int32), i32,
-                      i32, i32, config=config)
+        tokens_T = np.zeros((size,), np.int32)
+        self._program(programs.prefill, params, state, tokens_T, tokens_T, tokens_T, ends_S,
+                      config=config)
       for width in self._table_widths():
-        self._program(programs.generate, params, state, config=config,
-                      num_steps=self.steps_per_call, table_width=width)
+        for rows in self._row_buckets():
+          self._program(programs.generate, params, state, np.arange(rows, dtype=np.int32),
+                        config=config, num_steps=self.steps_per_call, table_width=width)
       vocab = config.vocab_size
       # Builds a request's sampling row as add_request does (its small host ops compile once).
       row = self._sampling_row(SamplingParams(), 2**40, [], 0, [])
       self._sampling_row(SamplingParams(), 0, [], 1, [])
       mask_V = np.zeros((vocab,), bool)
-      self._program(programs.insert, state, i32, np.zeros((vocab,), np.float32), i32, mask_V,
-                    row)
+      h_SxD = np.zeros((self.max_num_seqs, config.d_model), self.model.params["final_norm"].dtype)
+      self._program(programs.insert, params, state, i32, h_SxD, i32, i32, mask_V, row,
+                    config=config)
       self._program(programs.restore, state, i32, i32, mask_V,
                     np.zeros((self.max_model_len,), np.int32), i32, np.zeros((vocab,), np.int32),
                     row)
@@ -323,9 +325,18 @@ class Engine:
     return self._programs.get(jitted, args, static, self._compile_stats)
 
   def _table_widths(self) -> list[int]:
-    """Page-table widths decode attends over: powers of two, and the whole table."""
+    """Page-table widths decode attends over: powers of two, and the whole table; only the
+    whole table when attention reads pages in place (its cost then follows positions)."""
+    if self._state.cache.decode_reads_pages_in_place:
+      return [self.max_pages_per_seq]
     widths = _powers_of_two(1, bucket(self.max_pages_per_seq, minimum=1))
     return sorted({min(w, self.max_pages_per_seq) for w in widths})
+
+  def _row_buckets(self) -> list[int]:
+    """Decode batch sizes: powers of two from 8 (below that a step costs about the same: it
+    reads the weights once either way), and every slot."""
+    rows = _powers_of_two(8, bucket(self.max_num_seqs, minimum=8))
+    return sorted({min(r, self.max_num_seqs) for r in rows})
 
   def _sampling_row(self, params, seed, stops, index, words) -> SamplingArrays:
     return SamplingArrays.from_params(
@@ -361,17 +372,33 @@ class Engine:
           self._state, tables_BxM, stop_B)
       self._pushed_tables = key
 
-  def _prefill(self, chunk) -> None:
-    sample, seq = self._by_seq[chunk.seq.seq_id], chunk.seq
-    target = seq.prefill_target
-    tokens_C = np.zeros((bucket(chunk.length),), np.int32)
-    tokens_C[:chunk.length] = target[chunk.start:chunk.start + chunk.length]
-    args = (self.model.params, self._state, tokens_C, np.int32(chunk.start),
-            np.int32(chunk.length), np.int32(seq.slot))
-    logits_V, self._state = self._program(programs.prefill_chunk, *args,
-                                          config=self.model.config)(*args)
-    if not chunk.completes:
-      return
+  def _prefill(self, chunks) -> None:
+    """Runs the step's prefill chunks in one packed call, then starts the slots whose prefill
+    is done."""
+    size = bucket(sum(c.length for c in chunks))
+    tokens_T = np.zeros((size,), np.int32)
+    slots_T = np.full((size,), self.max_num_seqs, np.int32)  # padding: past the last slot
+    positions_T = np.zeros((size,), np.int32)
+    ends_S = np.zeros((self.max_num_seqs,), np.int32)
+    offset = 0
+    for i, chunk in enumerate(chunks):
+      seq, packed = chunk.seq, slice(offset, offset + chunk.length)
+      tokens_T[packed] = seq.prefill_target[chunk.start:chunk.start + chunk.length]
+      slots_T[packed] = seq.slot
+      positions_T[packed] = np.arange(chunk.start, chunk.start + chunk.length)
+      offset += chunk.length
+      ends_S[i] = offset - 1
+    params, config = self.model.params, self.model.config
+    args = (params, self._state, tokens_T, slots_T, positions_T, ends_S)
+    h_SxD, self._state = self._program(programs.prefill, *args, config=config)(*args)
+    for i, chunk in enumerate(chunks):
+      if chunk.completes:
+        self._start(self._by_seq[chunk.seq.seq_id], h_SxD, i)
+
+  def _start(self, sample: _Sample, h_SxD, index: int) -> None:
+    """Starts a sequence's slot after its prefill: samples its first token from the hidden
+    state `h_SxD[index]`, or goes on with the tokens it had when it was preempted."""
+    seq = sample.seq
     vocab = self.model.config.vocab_size
     prompt_mask_V = np.zeros((vocab,), bool)
     prompt_mask_V[seq.prompt_ids] = True
@@ -384,33 +411,42 @@ class Engine:
               np.int32(len(seq.generated)), counts_V, sample.sampling_row)
       self._state = self._program(programs.restore, *args)(*args)
       return
-    args = (self._state, np.int32(seq.slot), logits_V, prompt_len, prompt_mask_V,
-            sample.sampling_row)
-    self._state, token, logprob, top_ids, top_values = self._program(programs.insert, *args)(*args)
+    args = (self.model.params, self._state, np.int32(seq.slot), h_SxD, np.int32(index),
+            prompt_len, prompt_mask_V, sample.sampling_row)
+    self._state, token, logprob, top_ids, top_values = self._program(
+        programs.insert, *args, config=self.model.config)(*args)
     self._record(sample, [int(token)], [float(logprob)], np.asarray(top_ids)[None],
                  np.asarray(top_values)[None])
 
   def _decode(self, running: list[_Sample]) -> None:
     self._sync()
+    widths = self._table_widths()
     widest = max(len(s.seq.pages) for s in running)
-    width = min(bucket(widest, minimum=1), self.max_pages_per_seq)
+    width = next(w for w in widths if w >= min(bucket(widest, minimum=1), widths[-1]))
+    # The running slots, padded to a row bucket with slots that are not decoding.
+    live = sorted(s.seq.slot for s in running)
+    size = next(r for r in self._row_buckets() if r >= len(live))
+    idle = sorted(set(range(self.max_num_seqs)) - set(live))[:size - len(live)]
+    rows_R = np.asarray(live + idle, np.int32)
+    row_of = {slot: i for i, slot in enumerate(live)}
     before = {id(s): len(s.seq.generated) for s in running}
-    args = (self.model.params, self._state)
+    args = (self.model.params, self._state, rows_R)
     program = self._program(programs.generate, *args, config=self.model.config,
                             num_steps=self.steps_per_call, table_width=width)
     start = time.perf_counter()
-    self._state, tokens_BxK, logprobs_BxK, top_ids, top_values = program(*args)
-    num_generated_B = np.asarray(self._state.decode.num_generated_B)
+    self._state, tokens_RxK, logprobs_RxK, top_ids, top_values = program(*args)
+    num_generated_R = np.asarray(self._state.decode.num_generated_B)[rows_R]
     self._decode_seconds += time.perf_counter() - start
-    self._decode_steps += max(int(num_generated_B[s.seq.slot]) - before[id(s)] for s in running)
-    tokens_BxK, logprobs_BxK = np.asarray(tokens_BxK), np.asarray(logprobs_BxK)
+    self._decode_steps += max(int(num_generated_R[row_of[s.seq.slot]]) - before[id(s)]
+                              for s in running)
+    tokens_RxK, logprobs_RxK = np.asarray(tokens_RxK), np.asarray(logprobs_RxK)
     top_ids, top_values = np.asarray(top_ids), np.asarray(top_values)
     for sample in running:
-      slot = sample.seq.slot
-      new = int(num_generated_B[slot]) - before[id(sample)]
+      row = row_of[sample.seq.slot]
+      new = int(num_generated_R[row]) - before[id(sample)]
       self._scheduler.advance(sample.seq, new)
-      self._record(sample, tokens_BxK[slot, :new].tolist(), logprobs_BxK[slot, :new].tolist(),
-                   top_ids[slot, :new], top_values[slot, :new])
+      self._record(sample, tokens_RxK[row, :new].tolist(), logprobs_RxK[row, :new].tolist(),
+                   top_ids[row, :new], top_values[row, :new])
 
   def _record(self, sample: _Sample, tokens, logprobs, top_ids, top_values) -> None:
     """Appends new tokens to a sequence (up to a stop string) and finishes it when done."""

@@ -1,17 +1,18 @@
 """The engine's device side: slot state over one long-lived paged KV pool, and the pure jitted
 programs the host drives, after JetStream's engine API:
 
-- `prefill_chunk`: writes a chunk of one sequence's tokens into its pages, returns the logits
-  after its last token (chunked prefill: long prompts go in several calls);
+- `prefill`: writes a pack of prompt chunks (of several sequences) into their pages, returns the
+  hidden state after each chunk's last token (chunked prefill: long prompts go in several calls);
 - `insert`: starts a slot from a finished prefill (samples its first token);
 - `restore`: restarts a preempted sequence in a slot with the tokens it had generated;
-- `generate`: `num_steps` decode steps of every slot in one on-device loop;
+- `generate`: `num_steps` decode steps of the running slots (gathered into a row bucket) in one
+  on-device loop;
 - `sync`: the host's page tables and stop flags for every slot (freeing a slot is giving it an
   empty table and stopping it).
 
 Every slot keeps its own progress (`loop.DecodeState` has no batch-wide step), so slots are
 filled and emptied while the others run. Shapes depend only on the engine's settings (slots,
-pool, page-table width buckets, chunk buckets), so nothing compiles after warm-up.
+pool, row and page-table width buckets, pack buckets), so nothing compiles after warm-up.
 """
 
 from __future__ import annotations
@@ -47,19 +48,27 @@ def _with_cache(state: EngineState, cache: PagedKVCache) -> EngineState:
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def prefill_chunk(params, state: EngineState, tokens_C: jax.Array, start: jax.Array,
-                  num_valid: jax.Array, slot: jax.Array, *, config) -> tuple[jax.Array, EngineState]:
-  """Writes tokens_C[:num_valid] at positions start.. of `slot`'s pages; returns the logits [V]
-  after the last of them. Padding tokens write at positions the slot does not own yet or past
-  its table (dropped), or at future positions that decode overwrites before reading."""
+def prefill(params, state: EngineState, tokens_T: jax.Array, slots_T: jax.Array,
+            positions_T: jax.Array, ends_S: jax.Array, *, config) -> tuple[jax.Array, EngineState]:
+  """Writes a pack of prompt chunks into their slots' pages: token t belongs to slot
+  `slots_T[t]` at position `positions_T[t]` (padding: a slot past the last, written nowhere).
+  Returns the final hidden states [S, D] after the tokens `ends_S` (each chunk's last), and the
+  state with every packed slot's length advanced to its chunk's end.
+
+  Each token is its own attention row over its slot's pages (ragged paged attention): a chunk
+  sees its sequence's earlier chunks and itself, causally, and nothing of the other chunks. So
+  several sequences share one call, and only the pack is padded to a bucket, not each chunk."""
   cache = state.cache
-  view = cache.with_page_tables(cache.page_tables[slot][None], start[None])
-  positions_1xC = (start + jnp.arange(tokens_C.shape[0], dtype=jnp.int32))[None]
-  h_1xCxD, view = llama.hidden_states(params, config, tokens_C[None], positions_1xC, view)
-  last_1x1xD = jax.lax.dynamic_slice_in_dim(h_1xCxD, num_valid - 1, 1, axis=1)
-  logits_V = llama.logits_from_hidden(params, config, last_1x1xD)[0, 0].astype(jnp.float32)
-  cache = view.with_page_tables(cache.page_tables, cache.lengths.at[slot].set(start + num_valid))
-  return logits_V, _with_cache(state, cache)
+  num_slots = cache.page_tables.shape[0]
+  packed_T = slots_T < num_slots
+  tables_TxM = jnp.where(packed_T[:, None], cache.page_tables[jnp.where(packed_T, slots_T, 0)],
+                         NO_PAGE)
+  view = cache.with_page_tables(tables_TxM, jnp.zeros_like(slots_T))
+  h_Tx1xD, view = llama.hidden_states(params, config, tokens_T[:, None], positions_T[:, None],
+                                      view)
+  lengths = cache.lengths.at[slots_T].max(positions_T + 1, mode="drop")
+  cache = view.with_page_tables(cache.page_tables, lengths)
+  return h_Tx1xD[ends_S, 0], _with_cache(state, cache)
 
 
 def _put_row(state: EngineState, slot, row: loop.DecodeState,
@@ -70,13 +79,15 @@ def _put_row(state: EngineState, slot, row: loop.DecodeState,
                      sampling=jax.tree.map(put, state.sampling, sampling_row))
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def insert(state: EngineState, slot: jax.Array, logits_V: jax.Array, prompt_len: jax.Array,
-           prompt_mask_V: jax.Array, sampling_row: SamplingArrays):
-  """Starts `slot` after its prompt's prefill: samples the first token from `logits_V` with the
-  slot's settings (`sampling_row`, one row). Returns (state, token, its logprob, top ids, top
-  logprobs) of that first token."""
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def insert(params, state: EngineState, slot: jax.Array, h_SxD: jax.Array, index: jax.Array,
+           prompt_len: jax.Array, prompt_mask_V: jax.Array, sampling_row: SamplingArrays, *,
+           config):
+  """Starts `slot` after its prompt's prefill: samples the first token from the logits of the
+  hidden state `h_SxD[index]` (`prefill`'s) with the slot's settings (`sampling_row`, one row).
+  Returns (state, token, its logprob, top ids, top logprobs) of that first token."""
   capacity, num_top = state.decode.top_ids_BxLxN.shape[1:]
+  logits_V = llama.logits_from_hidden(params, config, h_SxD[index][None, None])[0, 0]
   row = loop.init_state(None, prompt_len[None], prompt_mask_V[None], capacity, num_top,
                         logits_V[None], sampling_row, jnp.zeros((1,), bool))
   return (_put_row(state, slot, row, sampling_row), row.tokens_BxL[0, 0], row.logprobs_BxL[0, 0],
@@ -100,29 +111,34 @@ def restore(state: EngineState, slot: jax.Array, prompt_len: jax.Array, prompt_m
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "table_width"),
                    donate_argnames=("state",))
-def generate(params, state: EngineState, *, config, num_steps: int, table_width: int):
-  """`num_steps` decode steps of every running slot (finished and empty slots change nothing).
+def generate(params, state: EngineState, rows_R: jax.Array, *, config, num_steps: int,
+             table_width: int):
+  """`num_steps` decode steps of the slots `rows_R` (distinct; finished and empty slots among
+  them change nothing), gathered into a batch of R rows: a step costs R rows, not every slot.
 
   Attention reads the first `table_width` entries of each page table (a bucket covering every
-  running slot), not the whole table. Returns the state and the `num_steps` columns of every
-  slot from where it stood: tokens [B, k], logprobs [B, k], top ids and top logprobs [B, k, N]
-  (read only the columns below the new `num_generated_B`)."""
+  running slot), not the whole table. Returns the state and the `num_steps` columns of each of
+  the R slots from where it stood: tokens [R, k], logprobs [R, k], top ids and top logprobs
+  [R, k, N] (read only the columns below the slot's new `num_generated_B`)."""
   cache = state.cache
+  take = lambda x: x[rows_R]
+  rows = jax.tree.map(take, state.decode.replace(cache=None))
   # Slots not decoding see no pages: a finished row re-writes its last position each step,
   # which must not land in pages a prefilling sequence now holds in that slot.
-  tables_BxM = jnp.where(state.decode.done_B[:, None], NO_PAGE,
-                         cache.page_tables[:, :table_width])
-  view = cache.with_page_tables(tables_BxM, cache.lengths)
-  before_B = state.decode.num_generated_B
-  decode = loop.decode(decode_step_fn(params, config), state.decode.replace(cache=view),
-                       state.sampling, jnp.int32(num_steps))
-  cache = decode.cache.with_page_tables(cache.page_tables, decode.cache.lengths)
-  columns_BxK = jnp.minimum(before_B[:, None] + jnp.arange(num_steps),
-                            decode.tokens_BxL.shape[1] - 1)
+  tables_RxM = jnp.where(rows.done_B[:, None], NO_PAGE, cache.page_tables[rows_R, :table_width])
+  view = cache.with_page_tables(tables_RxM, cache.lengths[rows_R])
+  before_R = rows.num_generated_B
+  rows = loop.decode(decode_step_fn(params, config), rows.replace(cache=view),
+                     jax.tree.map(take, state.sampling), jnp.int32(num_steps))
+  cache = rows.cache.with_page_tables(cache.page_tables,
+                                      cache.lengths.at[rows_R].set(rows.cache.lengths))
+  put = lambda full, part: full.at[rows_R].set(part)
+  decode = jax.tree.map(put, state.decode.replace(cache=None), rows.replace(cache=None))
+  columns_RxK = jnp.minimum(before_R[:, None] + jnp.arange(num_steps), rows.tokens_BxL.shape[1] - 1)
   window = lambda x: jnp.take_along_axis(
-      x, columns_BxK.reshape(columns_BxK.shape + (1,) * (x.ndim - 2)), axis=1)
-  return (state.replace(decode=decode.replace(cache=cache)), window(decode.tokens_BxL), window(decode.logprobs_BxL),
-          window(decode.top_ids_BxLxN), window(decode.top_logprobs_BxLxN))
+      x, columns_RxK.reshape(columns_RxK.shape + (1,) * (x.ndim - 2)), axis=1)
+  return (state.replace(decode=decode.replace(cache=cache)), window(rows.tokens_BxL),
+          window(rows.logprobs_BxL), window(rows.top_ids_BxLxN), window(rows.top_logprobs_BxLxN))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
