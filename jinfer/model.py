@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import validation
+from jinfer import sharding, validation
 from jinfer.errors import InvalidRequestError
 from jinfer.validation import check_request
 from jinfer.models import llama
@@ -34,11 +34,25 @@ class Model:
   # What the KV cache stores: "auto" (the model's dtype) or "int8" (per-token, per-head scales).
   kv_cache_dtype: str = "auto"
   page_size: int = 16  # tokens per KV page (attention_impl="pallas")
+  # The ("data", "model") mesh the params are sharded over (`shard`), or None: one device.
+  mesh: Optional[jax.sharding.Mesh] = None
 
   def __post_init__(self):
     validation.one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     validation.one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
     validation.integer("page_size", self.page_size, low=1)
+
+  def shard(self, mesh: sharding.MeshLike) -> "Model":
+    """This model with its params sharded over `mesh` (a Mesh, or sizes such as
+    {"data": 2, "model": -1}): tensor parallel over `model`, data parallel over `data`. Heads
+    and MLP units the model axis does not divide are padded with zeros (see jinfer.sharding),
+    so `config` then states the padded counts. The same mesh again returns this model."""
+    mesh = sharding.make_mesh(mesh)
+    if mesh == self.mesh:
+      return self
+    params = sharding.shard_params(self.params, self.config, mesh)
+    return dataclasses.replace(self, config=sharding.padded_config(self.config, mesh),
+                               params=params, mesh=mesh)
 
   @property
   def dtype(self):
@@ -55,7 +69,8 @@ class Model:
     length, at most the model's context, of ids in its vocabulary."""
     tokens_BxT = validation.token_matrix("token_ids", token_ids_BxT, self.config.vocab_size,
                                          self.config.max_seq_len)
-    return _full_forward(self.params, jnp.asarray(tokens_BxT), config=self.config)
+    with sharding.use(self.mesh):
+      return _full_forward(self.params, jnp.asarray(tokens_BxT), config=self.config)
 
   @property
   def quantization(self) -> Optional[dict[str, Any]]:
@@ -68,6 +83,8 @@ class Model:
     jinfer.quant.weights)."""
     params = quant_weights.quantize_params(self.params, mode, group_size=group_size,
                                            embeddings=embeddings)
+    if self.mesh is not None:  # codes and scales sharded as their weight was
+      params = sharding.shard_params(params, self.config, self.mesh)
     return dataclasses.replace(self, params=params)
 
   def save(self, path, *, overwrite: bool = False) -> None:
@@ -117,7 +134,8 @@ def resolve_attention_impl(attention_impl: str) -> str:
 
 def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
                attention_impl: str = "xla", kv_cache_dtype: str = "auto",
-               page_size: int = 16, quantize: Optional[str] = None) -> Model:
+               page_size: int = 16, quantize: Optional[str] = None,
+               mesh: Optional[sharding.MeshLike] = None) -> Model:
   """Loads a registry name, a .gguf file, a Hugging Face directory or a jinfer Orbax checkpoint.
 
   Weights are dequantized/converted to `dtype` ('float32' or 'bfloat16'). `attention_impl`
@@ -125,6 +143,8 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   `kv_cache_dtype` ('auto' or 'int8') and `page_size` set the KV cache it decodes through.
   `quantize` ('int8': per-channel int8 weights, 'w8a8': int8 weights and activations, 'int4':
   group-wise int4 weights) quantizes the projections after loading; a checkpoint saved quantized loads quantized as it was saved.
+  `mesh` (a jax Mesh with axes ("data", "model"), or sizes such as {"data": 1, "model": -1})
+  shards the model as it loads: each host array goes straight into its shards.
   """
   from jinfer.checkpoints import gguf_loader, hf_loader, orbax_io, registry  # pylint: disable=g-import-not-at-top
   # Every argument is checked before the (slow) load.
@@ -135,15 +155,22 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   validation.one_of("quantize", quantize, (None, *quant_weights.MODES))
   validation.one_of("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)
   validation.integer("page_size", page_size, low=1)
+  mesh = None if mesh is None else sharding.make_mesh(mesh)
   kind, path = registry.resolve(os.fspath(name_or_path))
   loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
   config, params, tokenizer = loader(path)
-  model = Model(config=config, params=cast_params(params, dtype), tokenizer=tokenizer,
-                attention_impl=attention_impl, kv_cache_dtype=kv_cache_dtype, page_size=page_size)
-  if quantize is None or (model.quantization or {}).get("mode") == quantize:
-    return model
-  if model.quantization is not None:
+  stored = quant_weights.describe(params)
+  if stored is not None and quantize is not None and stored["mode"] != quantize:
     raise InvalidRequestError(
-        f"'{name_or_path}' holds {model.quantization['mode']} weights; it cannot be "
-        f"re-quantized to {quantize!r}. Load the float checkpoint, or pass quantize=None.")
-  return model.quantize(quantize)
+        f"'{name_or_path}' holds {stored['mode']} weights; it cannot be re-quantized to "
+        f"{quantize!r}. Load the float checkpoint, or pass quantize=None.")
+  settings = dict(tokenizer=tokenizer, attention_impl=attention_impl,
+                  kv_cache_dtype=kv_cache_dtype, page_size=page_size)
+  if mesh is not None and (quantize is None or stored is not None):
+    # Straight into shards: no device holds the whole model.
+    return Model(config=sharding.padded_config(config, mesh),
+                 params=sharding.shard_params(params, config, mesh, dtype), mesh=mesh, **settings)
+  model = Model(config=config, params=cast_params(params, dtype), **settings)
+  if quantize is not None and stored is None:
+    model = model.quantize(quantize)
+  return model if mesh is None else model.shard(mesh)

@@ -7,7 +7,9 @@ application's own `--model` never clashes with ours).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -42,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f"jinfer.cli.{command}")
   module.define_flags()
+  _define_distributed_flags()
   # absl's --help prints the __main__ module's docstring and the flags keyed to sys.argv[0]:
   # make those the command's.
   sys.modules["__main__"].__doc__ = module.__doc__
@@ -58,16 +61,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
+def _define_distributed_flags() -> None:
+  """Every command can run as one process of a multi-host run (jinfer.distributed)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-host: process 0's host:port (not needed on TPU VMs).")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, from 0.")
+
+
 def _reporting_errors(command_main):
-  """A bad model, file or request ends the command with its message (it names the fix), not a
-  traceback; arguments that are not flags are refused."""
+  """Joins a multi-host run first when asked (then only process 0 prints). A bad model, file or
+  request ends the command with its message (it names the fix), not a traceback; arguments
+  that are not flags are refused."""
   def run(argv):
-    from absl import app  # pylint: disable=g-import-not-at-top
+    from absl import app, flags  # pylint: disable=g-import-not-at-top
+    from jinfer import distributed  # pylint: disable=g-import-not-at-top
     from jinfer.errors import JinferError  # pylint: disable=g-import-not-at-top
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag=value.")
     try:
-      command_main(argv)
+      f = flags.FLAGS
+      distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+      with _quiet_unless_main(distributed.is_main_process()):
+        command_main(argv)
     except JinferError as e:
       sys.exit(f"error: {e}")
   return run
+
+
+@contextlib.contextmanager
+def _quiet_unless_main(is_main: bool):
+  """Processes other than 0 run the same program but print nothing."""
+  if is_main:
+    yield
+    return
+  with open(os.devnull, "w", encoding="utf-8") as devnull, contextlib.redirect_stdout(devnull):
+    yield

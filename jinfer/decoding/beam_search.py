@@ -35,7 +35,7 @@ from jinfer.decoding.programs import COMPILED, decode_step_fn, prefill_logits
 from jinfer.decoding.requests import encode_prompts, stop_ids
 from jinfer.decoding.results import GenerationStats
 from jinfer.decoding.loop import PAD_TOKEN, TokensToLogits
-from jinfer import validation
+from jinfer import sharding, validation
 from jinfer.validation import Prompt, check_request
 
 # transformers' "impossible" score. Added rather than -inf so that sums stay finite and ordered.
@@ -257,16 +257,17 @@ def _beam_program(params, tokens_BxT, prompt_lens_B, active_B, settings, *, conf
 
   state = init_state(cache, tokens_BxT.shape[0], width, capacity, active_B)
   state = search(decode_step_fn(params, config), state, logits_BxV, prompt_lens_B, settings, num_candidates)
-  return state.replace(cache=None)  # the caller needs only the hypotheses
+  return sharding.host_readable(state.replace(cache=None))  # the caller needs the hypotheses
 
 
 _BEAM_PROGRAM = jax.jit(_beam_program, static_argnames=(
     "config", "cache_len", "cache_dtype", "capacity", "width", "num_candidates"))
 
 
-def _padded_prompts(prompt_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _padded_prompts(prompt_ids: list[list[int]],
+                    min_batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-padded tokens [B, T], lengths [B] and active rows [B], B and T bucketed."""
-  batch = bucket(len(prompt_ids), minimum=1)
+  batch = bucket(len(prompt_ids), minimum=min_batch)
   tokens_BxT = np.zeros((batch, bucket(max(map(len, prompt_ids)))), np.int32)
   prompt_lens_B = np.ones((batch,), np.int32)
   for i, ids in enumerate(prompt_ids):
@@ -275,13 +276,15 @@ def _padded_prompts(prompt_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray
   return tokens_BxT, prompt_lens_B, np.arange(batch) < len(prompt_ids)
 
 
-def beam_search(model, prompts: Sequence[Prompt],
-                params: BeamSearchParams) -> list[list[BeamSequence]]:
+def beam_search(model, prompts: Sequence[Prompt], params: BeamSearchParams, *,
+                mesh=None) -> list[list[BeamSequence]]:
   """Beam search for each prompt (a string or a list of token ids).
 
-  Returns, per prompt, its `params.num_return_sequences` best hypotheses, best first.
+  Returns, per prompt, its `params.num_return_sequences` best hypotheses, best first. `mesh`
+  shards the model over it first (`Model.shard`); a model already sharded runs on its mesh.
   """
   validation.model(model)
+  model = model if mesh is None else model.shard(mesh)
   check_request(isinstance(params, BeamSearchParams),
                 f"params must be a BeamSearchParams, got {type(params).__name__}.")
   prompt_ids = encode_prompts(model, prompts)
@@ -290,7 +293,8 @@ def beam_search(model, prompts: Sequence[Prompt],
   validation.token_ids("stop_token_ids", params.stop_token_ids, model.config.vocab_size,
                        allow_empty=True)
   stop_token_ids = sorted(set(stop_ids(model, params)))
-  tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids)
+  tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids,
+                                                     sharding.data_size(model.mesh))
   capacity = bucket(params.max_tokens)
   # bucketed: more candidates never change the result
   stops = bucket(len(stop_token_ids), minimum=1)
@@ -300,7 +304,7 @@ def beam_search(model, prompts: Sequence[Prompt],
                 cache_dtype=jnp.dtype(model.cache_dtype), capacity=capacity,
                 width=params.beam_width,
                 num_candidates=min(1 + stops, model.config.vocab_size) * params.beam_width)
-  state = COMPILED.get(_BEAM_PROGRAM, args, static, GenerationStats())(*args)
+  state = COMPILED.get(_BEAM_PROGRAM, args, static, GenerationStats(), model.mesh)(*args)
   return results(model.tokenizer, jax.device_get(state), len(prompt_ids), params, stop_token_ids)
 
 

@@ -39,7 +39,7 @@ def run_prefill(model, b: PreparedBatch, stats: GenerationStats) -> loop.DecodeS
     jitted = programs.PREFILL_PAGED
     args += (p.prompt_tables_PxM, p.tables_BxM, p.copy_src_C, p.copy_dst_C)
     static.update(num_pages=p.num_pages, page_size=model.page_size)
-  state, seconds = programs.COMPILED.run(jitted, args, static, stats)
+  state, seconds = programs.COMPILED.run(jitted, args, static, stats, model.mesh)
   stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
   return state
@@ -48,7 +48,8 @@ def run_prefill(model, b: PreparedBatch, stats: GenerationStats) -> loop.DecodeS
 def _run_decode(model, b: PreparedBatch, state, num_steps: int, stats) -> loop.DecodeState:
   args = (model.params, state, b.sampling, jnp.int32(num_steps))
   generated_before = int(state.num_generated_B[:len(b.rows)].sum())
-  state, seconds = programs.COMPILED.run(programs.DECODE, args, dict(config=model.config), stats)
+  state, seconds = programs.COMPILED.run(programs.DECODE, args, dict(config=model.config), stats,
+                                         model.mesh)
   stats.decode_s += seconds
   stats.generated_tokens += int(state.num_generated_B[:len(b.rows)].sum()) - generated_before
   return state
@@ -93,9 +94,11 @@ def _completion(model, b: PreparedBatch, state, i: int, text: SequenceText) -> C
 
 def generate_with_stats(model, prompts: Sequence[Prompt],
                         params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
-                        steps_per_chunk: int = 16, speculative=None,
+                        steps_per_chunk: int = 16, speculative=None, mesh=None,
                         ) -> tuple[list[Completion], GenerationStats]:
   """`generate`, also returning compile, prefill and decode timings (and acceptance stats)."""
+  validation.model(model)
+  model = model if mesh is None else model.shard(mesh)
   if speculative is not None:
     from jinfer.decoding import speculative as spec  # pylint: disable=g-import-not-at-top
     return spec.generate_with_stats(model, prompts, params, speculative)
@@ -113,29 +116,35 @@ def generate_with_stats(model, prompts: Sequence[Prompt],
 
 def generate(model, prompts: Sequence[Prompt],
              params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
-             speculative=None) -> list[Completion]:
+             speculative=None, mesh=None) -> list[Completion]:
   """Completes each prompt (a string or a list of token ids) with its SamplingParams.
 
   Returns one Completion per sequence: prompt order, and a prompt's n samples next to each
   other (`Completion.index` numbers them). `speculative=jinfer.SpeculativeConfig(...)` decodes
   speculatively (same output distribution; greedy output equals plain greedy decoding).
+  `mesh` (a jax Mesh with axes ("data", "model"), or sizes such as {"model": -1}) shards the
+  model over it first (`Model.shard`: tensor parallel over `model`, rows over `data`); a model
+  loaded or sharded onto a mesh runs there without it.
   """
-  return generate_with_stats(model, prompts, params, speculative=speculative)[0]
+  return generate_with_stats(model, prompts, params, speculative=speculative, mesh=mesh)[0]
 
 
 def generate_stream(model, prompts: Sequence[Prompt],
                     params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
-                    steps_per_chunk: int = 8) -> Iterator[StreamDelta]:
+                    steps_per_chunk: int = 8, mesh=None) -> Iterator[StreamDelta]:
   """Yields StreamDeltas as tokens are produced, every `steps_per_chunk` decode steps.
 
   The same compiled loop as `generate` runs `steps_per_chunk` steps per call, so streaming costs
   one host round trip per chunk, not per token. Text never ends in half a UTF-8 character, and
   text that may be the start of a stop string is held back until it is known not to be.
   `StreamDelta.index` is the sequence's position in what `generate` would return. The request
-  is checked when this is called, before the first delta is asked for.
+  is checked when this is called, before the first delta is asked for. `mesh`: as in
+  `generate`.
   """
   # Checked here, so a bad request raises before iteration.
   steps_per_chunk = validation.integer("steps_per_chunk", steps_per_chunk, low=1)
+  validation.model(model)
+  model = model if mesh is None else model.shard(mesh)
   b = prepare_batch(model, prompts, params)
   return _stream(model, b, steps_per_chunk)
 

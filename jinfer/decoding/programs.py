@@ -16,6 +16,7 @@ from jinfer.cache.kv_cache import KVCache
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.decoding import loop
 from jinfer.decoding.results import GenerationStats
+from jinfer import sharding
 from jinfer.models import llama
 
 
@@ -54,8 +55,9 @@ def prefill(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B, *
   logits_PxV, cache = prefill_logits(params, config, tokens_PxT, prompt_lens_P, cache_len,
                                      cache_dtype)
   cache = jax.tree.map(lambda x: x[row_prompt_B], cache)
-  return init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache, sampling,
-                    done_B, capacity, num_top_logprobs)
+  return sharding.host_readable(init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B,
+                                          logits_PxV, cache, sampling, done_B, capacity,
+                                          num_top_logprobs))
 
 
 def prefill_paged(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, done_B,
@@ -73,8 +75,9 @@ def prefill_paged(params, tokens_PxT, prompt_lens_P, row_prompt_B, sampling, don
   logits_PxV, cache = prompt_logits(params, config, tokens_PxT, prompt_lens_P, cache)
   cache = cache.copy_pages(copy_src_C, copy_dst_C)
   cache = cache.with_page_tables(tables_BxM, prompt_lens_P[row_prompt_B])
-  return init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache, sampling,
-                    done_B, capacity, num_top_logprobs)
+  return sharding.host_readable(init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B,
+                                          logits_PxV, cache, sampling, done_B, capacity,
+                                          num_top_logprobs))
 
 
 def init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache_B, sampling,
@@ -91,7 +94,8 @@ def init_rows(config, tokens_PxT, prompt_lens_P, row_prompt_B, logits_PxV, cache
 
 def decode_chunk(params, state, sampling, num_steps, *, config):
   """Up to `num_steps` decode steps of every row (see `loop.decode`)."""
-  return loop.decode(decode_step_fn(params, config), state, sampling, num_steps)
+  return sharding.host_readable(
+      loop.decode(decode_step_fn(params, config), state, sampling, num_steps))
 
 
 PREFILL = jax.jit(prefill, static_argnames=("config", "cache_len", "cache_dtype", "capacity",
@@ -111,18 +115,21 @@ class CompileCache:
   def num_compiled(self) -> int:
     return len(self._programs)
 
-  def get(self, jitted, args, static: dict, stats: GenerationStats):
+  def get(self, jitted, args, static: dict, stats: GenerationStats, mesh=None):
+    """The executable for these arguments; `mesh`: traced sharded over it (a model's mesh)."""
     shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), args)
-    key = (id(jitted), tuple(sorted(static.items())), str(jax.tree.structure(args)), str(shapes))
+    key = (id(jitted), tuple(sorted(static.items())), str(jax.tree.structure(args)), str(shapes),
+           mesh)
     if key not in self._programs:
       start = time.perf_counter()
-      self._programs[key] = jitted.lower(*args, **static).compile()
+      with sharding.use(mesh):
+        self._programs[key] = jitted.lower(*args, **static).compile()
       stats.compile_s += time.perf_counter() - start
     return self._programs[key]
 
-  def run(self, jitted, args, static: dict, stats: GenerationStats):
+  def run(self, jitted, args, static: dict, stats: GenerationStats, mesh=None):
     """Compiles if needed, then runs; returns (outputs, seconds the run took)."""
-    program = self.get(jitted, args, static, stats)
+    program = self.get(jitted, args, static, stats, mesh)
     start = time.perf_counter()
     out = jax.block_until_ready(program(*args))
     return out, time.perf_counter() - start

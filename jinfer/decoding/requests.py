@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jinfer import validation
+from jinfer import sharding, validation
 from jinfer.buckets import bucket
 from jinfer.cache.page_allocator import pages_for
 from jinfer.cache.page_plan import PagePlan, plan_shared_pages
@@ -89,7 +89,9 @@ def prepare_batch(model, prompts, params) -> PreparedBatch:
     p.check_vocab(model.config.vocab_size)
     validation.fits_context(i, len(ids), p.max_tokens, model.config.max_seq_len)
   rows = [SequenceRow(i, j, p, stop_ids(model, p)) for i, p in enumerate(params) for j in range(p.n)]
-  num_prompts, batch = bucket(len(prompt_ids), minimum=1), bucket(len(rows), minimum=1)
+  rows_per_shard = sharding.data_size(model.mesh)  # every data shard gets whole rows
+  num_prompts = bucket(len(prompt_ids), minimum=rows_per_shard)
+  batch = bucket(len(rows), minimum=rows_per_shard)
   tokens_PxT = np.zeros((num_prompts, prompt_bucket(model, max(map(len, prompt_ids)))), np.int32)
   prompt_lens_P = np.ones((num_prompts,), np.int32)
   for i, ids in enumerate(prompt_ids):

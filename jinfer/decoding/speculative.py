@@ -37,7 +37,7 @@ from jinfer.decoding.results import Completion, GenerationStats
 from jinfer.decoding.text import SequenceText, finish_reason
 from jinfer.decoding.loop import PAD_TOKEN
 from jinfer.decoding.sampling import SamplingArrays, filtered_logits, sample
-from jinfer import validation
+from jinfer import sharding, validation
 from jinfer.validation import check_request, is_integer
 from jinfer.models import llama
 
@@ -361,14 +361,15 @@ def _prefill(params, draft_params, prompts_BxT, prompt_lens_B, sampling, done_B,
                                      prompts_BxT.shape)
     _, draft_cache = llama.hidden_states(draft_params, static.draft_config, prompts_BxT,
                                          positions_BxT, draft_cache)
-  return init_state(target_cache, draft_cache, prompts_BxT, prompt_lens_B, logits_BxV, sampling,
-                    done_B, capacity, static.k)
+  return sharding.host_readable(init_state(target_cache, draft_cache, prompts_BxT,
+                                           prompt_lens_B, logits_BxV, sampling, done_B,
+                                           capacity, static.k))
 
 
 def _decode(params, draft_params, state, sampling, *, config, static: _Static) -> SpecState:
   """The whole speculative loop for real models, as one program."""
-  return decode(target_logits_fn(params, config), _drafter(draft_params, static), state,
-                sampling, static.k)
+  return sharding.host_readable(decode(target_logits_fn(params, config),
+                                       _drafter(draft_params, static), state, sampling, static.k))
 
 
 _PREFILL = jax.jit(_prefill, static_argnames=("config", "static", "cache_len", "cache_dtype",
@@ -406,6 +407,8 @@ def _draft_params(model, spec: SpeculativeConfig):
     check_request(draft_vocab == target_vocab,
                   f"the draft tokenizer has {draft_vocab} tokens, the target's {target_vocab}; "
                   "use a draft model sharing the tokenizer.")
+    if model.mesh is not None:  # the draft runs on the target's mesh too
+      draft = draft.shard(model.mesh)
     return draft.params, draft.config
   if spec.method == "self":
     check_request(spec.draft_layers < model.config.n_layers,
@@ -454,7 +457,7 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
           b.done_B)
   static_args = dict(config=model.config, static=static, cache_len=cache_len,
                      cache_dtype=jnp.dtype(model.cache_dtype), capacity=b.capacity)
-  state, seconds = COMPILED.run(_PREFILL, args, static_args, stats)
+  state, seconds = COMPILED.run(_PREFILL, args, static_args, stats, model.mesh)
   stats.prefill_s += seconds
   stats.prompt_tokens += int(b.prompt_lens_P[:len(b.prompt_ids)].sum())
   return state
@@ -463,7 +466,8 @@ def _run_prefill(model, draft_params, b, static: _Static, stats: GenerationStats
 def _run_decode(model, draft_params, b, state, static: _Static,
                 stats: GenerationStats) -> SpecState:
   args = (model.params, draft_params, state, b.sampling)
-  state, seconds = COMPILED.run(_DECODE, args, dict(config=model.config, static=static), stats)
+  state, seconds = COMPILED.run(_DECODE, args, dict(config=model.config, static=static), stats,
+                                model.mesh)
   stats.decode_s += seconds
   return state
 

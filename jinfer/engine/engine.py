@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import validation
+from jinfer import sharding, validation
 from jinfer.buckets import bucket
 from jinfer.cache.page_allocator import NO_PAGE, pages_for
 from jinfer.cache.paged_kv_cache import PagedKVCache
@@ -97,6 +97,10 @@ class Engine:
                enable_prefix_caching: bool = True,
                compilation_cache_dir: Optional[str] = None):
     validation.model(model)
+    check_request(sharding.data_size(model.mesh) == 1,
+                  f"the engine shards over a mesh's model axis only (tensor parallelism); this "
+                  f"model's mesh has a data axis of {sharding.data_size(model.mesh)}. Shard it "
+                  f"with mesh={{'data': 1, 'model': -1}}.")
     if compilation_cache_dir is not None:  # JAX's persistent cache: a restart compiles nothing
       jax.config.update("jax_compilation_cache_dir", validation.text(
           "compilation_cache_dir", compilation_cache_dir))
@@ -322,7 +326,7 @@ class Engine:
 
   def _program(self, jitted, *args, **static):
     """The executable of `jitted` for these arguments' shapes, compiled on first use."""
-    return self._programs.get(jitted, args, static, self._compile_stats)
+    return self._programs.get(jitted, args, static, self._compile_stats, self.model.mesh)
 
   def _table_widths(self) -> list[int]:
     """Page-table widths decode attends over: powers of two, and the whole table; only the
@@ -355,7 +359,11 @@ class Engine:
         bad_word_shape=(MAX_BAD_WORD_VARIANTS, MAX_BAD_WORD_TOKENS - 1))
     # Distinct buffers (init shares one zeros array between K and V), so programs can donate
     # and update the state in place.
-    return jax.tree.map(jnp.copy, programs.EngineState(decode=decode, sampling=sampling))
+    state = jax.tree.map(jnp.copy, programs.EngineState(decode=decode, sampling=sampling))
+    if self.model.mesh is None:
+      return state
+    place = lambda spec: jax.sharding.NamedSharding(self.model.mesh, spec)
+    return jax.device_put(state, jax.tree.map(place, programs.state_specs(state)))
 
   def _sync(self) -> None:
     """Pushes the page tables, and stops every slot that is not decoding."""

@@ -20,8 +20,9 @@ class LLM:
       completions = llm.generate(prompts, jinfer.SamplingParams(max_tokens=64))
 
   `model_or_name` is a `Model` or anything `load_model` takes (with `dtype`, `quantize` and
-  `kv_cache_dtype`); the other settings are `Engine`'s. `mesh` is for sharded serving, which is
-  not built yet: only None is accepted.
+  `kv_cache_dtype`); the other settings are `Engine`'s. `mesh` (a jax Mesh with axes
+  ("data", "model"), or sizes such as {"model": -1}) shards the model and the KV pool over its
+  model axis (tensor parallelism); the engine's data axis must be 1 for now.
   """
 
   def __init__(self, model_or_name="smollm2-135m-instruct", *, dtype="float32",
@@ -29,12 +30,11 @@ class LLM:
                max_num_seqs: int = 64, page_size: int = 16, num_pages: Optional[int] = None,
                max_model_len: Optional[int] = None, mesh=None, **engine_kwargs):
     from jinfer.model import Model, load_model  # pylint: disable=g-import-not-at-top
-    check_request(mesh is None, "mesh: sharded serving is not built yet; pass mesh=None.")
     if isinstance(model_or_name, Model):
-      self.model = model_or_name
+      self.model = model_or_name if mesh is None else model_or_name.shard(mesh)
     else:
       self.model = load_model(model_or_name, dtype=dtype, quantize=quantize,
-                              kv_cache_dtype=kv_cache_dtype, page_size=page_size)
+                              kv_cache_dtype=kv_cache_dtype, page_size=page_size, mesh=mesh)
     self.engine = Engine(self.model, max_num_seqs=max_num_seqs, page_size=page_size,
                          num_pages=num_pages, max_model_len=max_model_len, **engine_kwargs)
 

@@ -7,6 +7,7 @@ heads, K KV heads, G query heads per KV head, H head dim, F MLP width, V vocabul
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Union
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import cpu_kernels
+from jinfer import cpu_kernels, sharding
 from jinfer.cache.kv_cache import KVCache
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.models.attention import attention
@@ -141,7 +142,8 @@ def _linear(x_BxTxI: jax.Array, w_OxI) -> jax.Array:
                                   fallback=lambda: jnp.einsum("BTI,OI->BTO", x_BxTxI, w_OxI))
 
 
-def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, rope: Rope):
+def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, rope: Rope,
+                     sharded: bool):
   b, t, _ = x_BxTxD.shape
   qkv_BxTxKG2H = _linear(x_BxTxD, layer["w_qkv"])  # q, k and v in one matmul
   if config.qkv_bias:
@@ -157,39 +159,81 @@ def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, 
     # The cache picks the attention implementation (XLA math or a paged-attention kernel).
     cache = cache.write(layer_index, k, v, positions_BxT)
     out_BxTxNxH = cache.attend(layer_index, q, positions_BxT)
-  return _linear(out_BxTxNxH.reshape(b, t, -1), layer["wo"]), cache
+  # Row-parallel under tensor parallelism: each shard holds some heads' output columns.
+  return sharding.all_reduce(_linear(out_BxTxNxH.reshape(b, t, -1), layer["wo"]), sharded), cache
 
 
-def _mlp_block(layer, x_BxTxD):
+def _mlp_block(layer, x_BxTxD, sharded: bool):
   b, t, _ = x_BxTxD.shape
   gate_up_BxTxFx2 = _linear(x_BxTxD, layer["w_gate_up"]).reshape(b, t, -1, 2)
   hidden_BxTxF = jax.nn.silu(gate_up_BxTxFx2[..., 0]) * gate_up_BxTxFx2[..., 1]
-  return _linear(hidden_BxTxF, layer["w_down"])
+  return sharding.all_reduce(_linear(hidden_BxTxF, layer["w_down"]), sharded)
+
+
+def _embed(params: Params, tokens_BxT: jax.Array, sharded: bool) -> jax.Array:
+  """Embedding rows; sharded over the vocabulary, each shard looks up the ids in its range and
+  the all-reduce adds the one shard's row to the others' zeros."""
+  table, dtype = params["embed"], params["final_norm"].dtype
+  if not sharded:
+    return quant_weights.embed(table, tokens_BxT, dtype)
+  rows = (table.codes if isinstance(table, quant_weights.QuantizedWeight) else table).shape[0]
+  local_BxT = tokens_BxT - sharding.shard_index() * rows
+  mine_BxT = (local_BxT >= 0) & (local_BxT < rows)
+  x_BxTxD = quant_weights.embed(table, jnp.where(mine_BxT, local_BxT, 0), dtype)
+  return sharding.all_reduce(jnp.where(mine_BxT[..., None], x_BxTxD, 0), sharded)
+
+
+def _local_hidden_states(params, tokens_BxT, positions_BxT, cache, *, config, sharded):
+  rope = Rope.at(positions_BxT, rope_inverse_frequencies(config))
+  x = _embed(params, tokens_BxT, sharded)
+  for i, layer in enumerate(params["layers"]):
+    attn_out, cache = _attention_block(
+        config, layer, rms_norm(x, layer["attn_norm"], config.norm_eps), positions_BxT, cache, i,
+        rope, sharded)
+    x = x + attn_out
+    x = x + _mlp_block(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps), sharded)
+  return rms_norm(x, params["final_norm"], config.norm_eps), cache
 
 
 def hidden_states(params: Params, config: LlamaConfig, tokens_BxT: jax.Array,
                   positions_BxT: jax.Array, cache: Optional[Cache] = None):
-  """Runs the decoder stack; returns the final-normed hidden states [B, T, D] and the cache."""
-  rope = Rope.at(positions_BxT, rope_inverse_frequencies(config))
-  x = quant_weights.embed(params["embed"], tokens_BxT, params["final_norm"].dtype)
-  for i, layer in enumerate(params["layers"]):
-    attn_out, cache = _attention_block(
-        config, layer, rms_norm(x, layer["attn_norm"], config.norm_eps), positions_BxT, cache, i,
-        rope)
-    x = x + attn_out
-    x = x + _mlp_block(layer, rms_norm(x, layer["mlp_norm"], config.norm_eps))
-  return rms_norm(x, params["final_norm"], config.norm_eps), cache
+  """Runs the decoder stack; returns the final-normed hidden states [B, T, D] and the cache.
+
+  Traced under a mesh (`jinfer.sharding.use`), it runs per shard: heads, MLP units and
+  vocabulary over `model`, rows over `data` (`jinfer.sharding.model_call`).
+  """
+  mesh = sharding.context_mesh()
+  if mesh is None:
+    return _local_hidden_states(params, tokens_BxT, positions_BxT, cache, config=config,
+                                sharded=False)
+  local = functools.partial(_local_hidden_states, config=sharding.local_config(config, mesh),
+                            sharded=sharding.model_size(mesh) > 1)
+  rows, caches = sharding.spec("batch"), sharding.cache_specs(cache)
+  return sharding.model_call(local, mesh, (params, tokens_BxT, positions_BxT, cache),
+                             (sharding.param_specs(params), rows, rows, caches), (rows, caches))
 
 
-def logits_from_hidden(params: Params, config: LlamaConfig, h_BxTxD: jax.Array) -> jax.Array:
-  """Projects hidden states to float32 vocabulary logits [B, T, V]."""
-  head_VxD = params["embed"] if config.tie_embeddings else params["lm_head"]
+def _local_logits(head_VxD, h_BxTxD: jax.Array) -> jax.Array:
   if isinstance(head_VxD, quant_weights.QuantizedWeight):
     return quant_weights.linear(h_BxTxD.astype(jnp.float32), head_VxD)
   return cpu_kernels.float_matmul(
       h_BxTxD, head_VxD, out_dtype=jnp.float32,
       fallback=lambda: jnp.einsum("BTD,VD->BTV", h_BxTxD, head_VxD,
                                   preferred_element_type=jnp.float32))
+
+
+def logits_from_hidden(params: Params, config: LlamaConfig, h_BxTxD: jax.Array) -> jax.Array:
+  """Projects hidden states to float32 vocabulary logits [B, T, V] (sharded over the vocabulary
+  under a mesh)."""
+  name = "embed" if config.tie_embeddings else "lm_head"
+  mesh = sharding.context_mesh()
+  if mesh is None:
+    return _local_logits(params[name], h_BxTxD)
+  logits_BxTxV = sharding.model_call(
+      _local_logits, mesh, (params[name], h_BxTxD),
+      (sharding.param_specs({name: params[name]})[name], sharding.spec("batch")),
+      sharding.spec("batch", None, "vocab"))
+  return logits_BxTxV[..., :config.vocab_size]  # the vocabulary may be padded
 
 
 def forward(params: Params, config: LlamaConfig, tokens_BxT: jax.Array, positions_BxT: jax.Array,

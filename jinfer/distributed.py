@@ -1,0 +1,59 @@
+"""Multi-host runs with JAX's multi-controller runtime: every process runs the same program on
+its own devices, `jax.distributed` connects them, and a mesh spans all of their devices.
+
+    jinfer.distributed.initialize()  # before anything else touches JAX
+    model = jinfer.load_model(..., mesh={"data": 1, "model": -1})  # every device of every host
+
+On Cloud TPU VMs (and other clusters JAX detects: SLURM, GKE) `initialize()` needs no
+arguments. Elsewhere pass the coordinator (process 0's host:port), the number of processes and
+this process's id; on CPUs collectives between processes go through gloo. Every jinfer command
+takes them as --coordinator_address, --num_processes and --process_id, and only process 0 prints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+
+from jinfer import validation
+from jinfer.validation import check_request
+
+
+def _in_detected_cluster() -> bool:
+  """A multi-host environment jax.distributed.initialize() configures by itself."""
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts or "SLURM_JOB_ID" in os.environ and int(
+      os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """Joins this process to a multi-process run (call it first, once).
+
+  With no arguments: on a detected multi-host cluster (a TPU pod slice, SLURM) JAX finds the
+  coordinator itself; on one host nothing happens. Otherwise give all three.
+  """
+  given = [a is not None for a in (coordinator_address, num_processes, process_id)]
+  if not any(given):
+    if _in_detected_cluster():
+      jax.distributed.initialize()
+    return
+  check_request(all(given), "coordinator_address, num_processes and process_id go together: "
+                "pass all three (e.g. '10.0.0.1:1234', 2, 0), or none on a TPU VM.")
+  validation.text("coordinator_address", coordinator_address)
+  check_request(":" in coordinator_address,
+                f"coordinator_address must be host:port, got {coordinator_address!r}.")
+  num_processes = validation.integer("num_processes", num_processes, low=1)
+  process_id = validation.integer("process_id", process_id, low=0, high=num_processes - 1)
+  if jax.config.jax_platforms in (None, "", "cpu"):
+    # Collectives between CPU processes (XLA's default CPU collectives are in-process only).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def is_main_process() -> bool:
+  """Whether this process is the one that prints and writes results (process 0)."""
+  return jax.process_index() == 0
