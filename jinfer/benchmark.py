@@ -210,7 +210,7 @@ def cast_model(model, dtype: str):
 
 
 def bench_jinfer_point(model, prompt_ids: Sequence[int], batch: int, cfg: BenchConfig,
-                       dtype: str) -> Row:
+                       dtype: str, system: str = "jinfer") -> Row:
   """Times jinfer's greedy generate on `batch` copies of the prompt: warm-up, then best of N."""
   import jinfer  # pylint: disable=g-import-not-at-top
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
@@ -226,7 +226,7 @@ def bench_jinfer_point(model, prompt_ids: Sequence[int], batch: int, cfg: BenchC
                          f"{expected}; ignore_eos should make every row run to max_tokens.")
     best_prefill = min(best_prefill, stats.prefill_s)
     best_decode = min(best_decode, stats.decode_s)
-  return make_row("jinfer", dtype, batch, cfg, compile_s=warm.compile_s, prefill_s=best_prefill,
+  return make_row(system, dtype, batch, cfg, compile_s=warm.compile_s, prefill_s=best_prefill,
                   decode_s=best_decode, nbytes=weight_bytes(model.params))
 
 
@@ -251,6 +251,23 @@ def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print) ->
       log(f"jinfer {name} batch {batch} ...")
       rows.append(bench_jinfer_point(variant, prompt_ids, batch, cfg, name))
     del variant
+  return rows
+
+
+def bench_meshes(model, cfg: BenchConfig, meshes: Sequence[tuple[int, int]],
+                 log: Callable[[str], None] = print) -> list[Row]:
+  """float32 rows on each (data, model) mesh, named 'jinfer DxM' (the batch is padded to a
+  multiple of the data axis; only real rows count)."""
+  prompt_ids = build_prompt_ids(model.tokenizer, cfg.prompt_tokens)
+  base = cast_model(model, "float32")
+  rows = []
+  for data, tp in meshes:
+    sharded = base.shard({"data": data, "model": tp})
+    for batch in cfg.batch_sizes:
+      log(f"jinfer float32 mesh {data}x{tp} batch {batch} ...")
+      rows.append(bench_jinfer_point(sharded, prompt_ids, batch, cfg, "float32",
+                                     system=f"jinfer {data}x{tp}"))
+    del sharded
   return rows
 
 

@@ -95,6 +95,14 @@ def main(kind: str) -> None:
                      mesh={"model": 4})
     out["engine_same_tokens"] = ([c.token_ids for c in llm.generate(prompts, GREEDY)]
                                  == [c.token_ids for c in want])
+    mesh = {"data": 2, "model": 4}
+    beam = jinfer.BeamSearchParams(beam_width=2, max_tokens=5)
+    out["beam_same"] = ([b[0].token_ids for b in jinfer.beam_search(model, prompts, beam, mesh=mesh)]
+                        == [b[0].token_ids for b in jinfer.beam_search(model, prompts, beam)])
+    spec = jinfer.SpeculativeConfig(method="self", draft_layers=1, num_draft_tokens=3)
+    out["speculative_same"] = (
+        [c.token_ids for c in jinfer.generate(model, prompts, GREEDY, speculative=spec, mesh=mesh)]
+        == [c.token_ids for c in want])
   else:
     want = jinfer.generate(model, prompts, GREEDY)
     # A checkpoint saved from one mesh restores onto another, straight into its shards.

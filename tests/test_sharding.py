@@ -53,8 +53,10 @@ def test_tiny_model_sharded_equals_one_device(tiny_runs):
   _check_decode_step(tiny_runs)
 
 
-def test_tiny_engine_tensor_parallel_equals_generate(tiny_runs):
+def test_tiny_engine_beam_search_and_speculative_sharded_equal_one_device(tiny_runs):
   assert tiny_runs["engine_same_tokens"]
+  assert tiny_runs["beam_same"]
+  assert tiny_runs["speculative_same"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@
 What is measured and how: jinfer/benchmark.py.
 """
 
+import dataclasses
 import json
 import os
 
@@ -45,6 +46,9 @@ def define_flags() -> None:
       "quantize", [], f"Also measure these quantized formats (any of {list(QUANT_FORMATS)}).")
   flags.DEFINE_bool(
       "perplexity", False, "Also measure the perplexity and parameter bytes of every format.")
+  flags.DEFINE_list(
+      "meshes", [], "Also measure float32 decode sharded over these data x model meshes, e.g. "
+      "1x2,2x1 (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices).")
   flags.DEFINE_bool(
       "serving", False, "Measure serving instead (jinfer/engine/benchmark.py): the engine "
       "against static batching on a request workload, with TTFT/TPOT percentiles.")
@@ -69,10 +73,21 @@ def _integers(flag: str) -> tuple[int, ...]:
                               f"got {','.join(values)!r}.") from None
 
 
+def _mesh_shape(text: str) -> tuple[int, int]:
+  """'2x4' -> (2, 4): data x model."""
+  from jinfer.errors import InvalidRequestError  # pylint: disable=g-import-not-at-top
+  data, _, tp = text.partition("x")
+  try:
+    return int(data), int(tp)
+  except ValueError:
+    raise InvalidRequestError(f"--meshes takes data x model shapes such as 1x2,2x1; got "
+                              f"{text!r}.") from None
+
+
 def main(argv) -> None:
   del argv
   import jinfer  # pylint: disable=g-import-not-at-top
-  from jinfer import benchmark, validation  # pylint: disable=g-import-not-at-top
+  from jinfer import benchmark, sharding, validation  # pylint: disable=g-import-not-at-top
   from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
   cfg = benchmark.BenchConfig(
       batch_sizes=_integers("batch_sizes"), dtypes=tuple(FLAGS.dtypes),
@@ -94,6 +109,9 @@ def main(argv) -> None:
     out_dir = os.path.dirname(os.path.abspath(FLAGS.json_out))
     validation.check_request(os.path.isdir(out_dir), f"--json_out: directory {out_dir!r} does "
                              "not exist; create it or write elsewhere.")
+  meshes = [_mesh_shape(text) for text in FLAGS.meshes]
+  for data, tp in meshes:
+    sharding.make_mesh({"data": data, "model": tp})  # enough devices?
   model = jinfer.load_model(FLAGS.model, dtype="float32", attention_impl=FLAGS.attention_impl)
   kind, path = registry.resolve(FLAGS.model)
   if FLAGS.serving:
@@ -102,6 +120,10 @@ def main(argv) -> None:
   ctx = benchmark.PeerContext(
       kind, str(path), tuple(benchmark.build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
   results = benchmark.run_benchmark(model, cfg, FLAGS.peers, ctx)
+  if meshes:
+    measured = dataclasses.replace(cfg, bandwidth_gbps=results["config"]["bandwidth_gbps"])
+    results["rows"] += [dataclasses.asdict(r)
+                        for r in benchmark.bench_meshes(model, measured, meshes)]
   if FLAGS.speculative:
     results["speculative"] = benchmark.bench_speculative(
         model, benchmark.speculative_prompts(model.tokenizer, cfg.prompt_tokens),

@@ -10,7 +10,7 @@ from jinfer.decoding.requests import per_prompt_params
 from jinfer.decoding.results import Completion
 from jinfer.decoding.sampling import SamplingParams
 from jinfer.engine.engine import Engine
-from jinfer.validation import Prompt, check_request
+from jinfer.validation import Prompt
 
 
 class LLM:
