@@ -95,6 +95,12 @@ def main(kind: str) -> None:
                      mesh={"model": 4})
     out["engine_same_tokens"] = ([c.token_ids for c in llm.generate(prompts, GREEDY)]
                                  == [c.token_ids for c in want])
+    dp = jinfer.LLM(model, max_num_seqs=2, max_model_len=64, page_size=4, max_batched_tokens=16,
+                    mesh={"data": 2, "model": 4})
+    out["data_parallel_engine_same_tokens"] = (
+        [c.token_ids for c in dp.generate(prompts, GREEDY)] == [c.token_ids for c in want])
+    out["data_parallel_replicas_used"] = sum(
+        m["generated_tokens"] > 0 for m in dp.engine.metrics()["replicas"])
     mesh = {"data": 2, "model": 4}
     beam = jinfer.BeamSearchParams(beam_width=2, max_tokens=5)
     out["beam_same"] = ([b[0].token_ids for b in jinfer.beam_search(model, prompts, beam, mesh=mesh)]

@@ -27,6 +27,7 @@ def _assert_same(got, want):
   assert [c.text for c in got] == [c.text for c in want]
   assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
   assert [c.index for c in got] == [c.index for c in want]
+  assert [c.prompt_token_ids for c in got] == [c.prompt_token_ids for c in want]
   for g, w in zip(got, want):
     np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
 
@@ -175,7 +176,7 @@ def test_random_arrivals_and_aborts_leak_nothing(tiny_model, requests):
       if abort and rid not in aborted and step % 2:
         engine.abort(rid)
         aborted.add(rid)
-    slots = [s.seq.slot for s in engine._by_seq.values() if s.seq.slot is not None]
+    slots = list(engine.slots().values())
     assert len(slots) == len(set(slots))  # no slot holds two live sequences
     for out in engine.step():
       if out.finish_reason:

@@ -57,6 +57,9 @@ def test_tiny_engine_beam_search_and_speculative_sharded_equal_one_device(tiny_r
   assert tiny_runs["engine_same_tokens"]
   assert tiny_runs["beam_same"]
   assert tiny_runs["speculative_same"]
+  # mesh 2x4: one tensor-parallel engine per data row, both serving.
+  assert tiny_runs["data_parallel_engine_same_tokens"]
+  assert tiny_runs["data_parallel_replicas_used"] == 2
 
 
 @pytest.mark.slow

@@ -50,7 +50,8 @@ MAX_BAD_WORD_TOKENS = 8
 class RequestOutput:
   """What one sequence of a request produced in a step: `token_ids` and `text` are new since
   its last output; `finish_reason` ('stop', 'length' or 'abort') is set on its last one.
-  `index` tells apart the n samples of a request."""
+  `index` tells apart the n samples of a request; `prompt_token_ids` is the prompt as the engine
+  encoded it."""
 
   request_id: str
   index: int
@@ -60,6 +61,7 @@ class RequestOutput:
   top_logprobs: Optional[list[dict[int, float]]] = None
   finish_reason: Optional[str] = None
   stop_reason: Union[int, str, None] = None
+  prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,9 +100,10 @@ class Engine:
                compilation_cache_dir: Optional[str] = None):
     validation.model(model)
     check_request(sharding.data_size(model.mesh) == 1,
-                  f"the engine shards over a mesh's model axis only (tensor parallelism); this "
-                  f"model's mesh has a data axis of {sharding.data_size(model.mesh)}. Shard it "
-                  f"with mesh={{'data': 1, 'model': -1}}.")
+                  f"an Engine shards over a mesh's model axis only (tensor parallelism); this "
+                  f"model's mesh has a data axis of {sharding.data_size(model.mesh)}. Serve it "
+                  f"with jinfer.LLM or jinfer.engine.DataParallelEngine (one engine per data "
+                  f"row), or shard it with mesh={{'data': 1, 'model': -1}}.")
     if compilation_cache_dir is not None:  # JAX's persistent cache: a restart compiles nothing
       jax.config.update("jax_compilation_cache_dir", validation.text(
           "compilation_cache_dir", compilation_cache_dir))
@@ -260,7 +263,8 @@ class Engine:
     """Runs one scheduled step; returns an output for every sequence that advanced."""
     with self._lock:
       outputs = [RequestOutput(request_id=s.request_id, index=s.row.index, token_ids=[], text="",
-                               logprobs=[], finish_reason="abort") for s in self._aborted]
+                               logprobs=[], finish_reason="abort",
+                               prompt_token_ids=s.seq.prompt_ids) for s in self._aborted]
       self._aborted.clear()
       plan = self._scheduler.schedule()
       self._sync()
@@ -279,6 +283,12 @@ class Engine:
         advanced += [s for s in running if s not in advanced]
       outputs += [self._output(s) for s in advanced]
       return outputs
+
+  def slots(self) -> dict[tuple[str, int], int]:
+    """The slot each sequence that holds one occupies, keyed by (request_id, index)."""
+    with self._lock:
+      return {(s.request_id, s.row.index): s.seq.slot for s in self._by_seq.values()
+              if s.seq.slot is not None}
 
   def metrics(self) -> dict:
     s = self._scheduler
@@ -488,7 +498,8 @@ class Engine:
         request_id=sample.request_id, index=sample.row.index, token_ids=seq.generated[new],
         text=sample.text.take(final=done), logprobs=sample.logprobs[new],
         top_logprobs=(sample.top_logprobs[new] if sample.row.params.logprobs is not None
-                      else None), finish_reason=reason, stop_reason=stop_reason)
+                      else None), finish_reason=reason, stop_reason=stop_reason,
+        prompt_token_ids=seq.prompt_ids)
 
   def _forget(self, sample: _Sample) -> None:
     self._by_seq.pop(sample.seq.seq_id, None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from jinfer import validation
+from jinfer import sharding, validation
 from jinfer.decoding.requests import per_prompt_params
 from jinfer.decoding.results import Completion
 from jinfer.decoding.sampling import SamplingParams
+from jinfer.engine.data_parallel import DataParallelEngine
 from jinfer.engine.engine import Engine
 from jinfer.validation import Prompt
 
@@ -22,7 +23,8 @@ class LLM:
   `model_or_name` is a `Model` or anything `load_model` takes (with `dtype`, `quantize` and
   `kv_cache_dtype`); the other settings are `Engine`'s. `mesh` (a jax Mesh with axes
   ("data", "model"), or sizes such as {"model": -1}) shards the model and the KV pool over its
-  model axis (tensor parallelism); the engine's data axis must be 1 for now.
+  model axis (tensor parallelism); a data axis above 1 serves with one engine per data row
+  (`DataParallelEngine`, `max_num_seqs` slots each).
   """
 
   def __init__(self, model_or_name="smollm2-135m-instruct", *, dtype="float32",
@@ -35,8 +37,10 @@ class LLM:
     else:
       self.model = load_model(model_or_name, dtype=dtype, quantize=quantize,
                               kv_cache_dtype=kv_cache_dtype, page_size=page_size, mesh=mesh)
-    self.engine = Engine(self.model, max_num_seqs=max_num_seqs, page_size=page_size,
-                         num_pages=num_pages, max_model_len=max_model_len, **engine_kwargs)
+    # A data axis serves with one engine per data row (each tensor parallel over its row).
+    engine_type = DataParallelEngine if sharding.data_size(self.model.mesh) > 1 else Engine
+    self.engine = engine_type(self.model, max_num_seqs=max_num_seqs, page_size=page_size,
+                              num_pages=num_pages, max_model_len=max_model_len, **engine_kwargs)
 
   def generate(self, prompts: Sequence[Prompt],
                params: Union[SamplingParams, Sequence[SamplingParams], None] = None, *,
@@ -63,19 +67,18 @@ class LLM:
         part["top"] += out.top_logprobs or []
         if out.finish_reason is not None:
           done[key] = {**part, "finish_reason": out.finish_reason,
-                       "stop_reason": out.stop_reason}
+                       "stop_reason": out.stop_reason, "prompt": out.prompt_token_ids}
           if progress is not None:
             progress.update(1)
     if progress is not None:
       progress.close()
     completions = []
-    for rid, prompt, sp in zip(ids, prompts, params):
-      prompt_ids = prompt if not isinstance(prompt, str) else self.model.tokenizer.encode(prompt)
+    for rid, sp in zip(ids, params):
       for index in range(sp.n):
         d = done[(rid, index)]
         completions.append(Completion(
             text=d["text"], token_ids=d["token_ids"], logprobs=d["logprobs"],
-            finish_reason=d["finish_reason"], prompt_token_ids=prompt_ids,
+            finish_reason=d["finish_reason"], prompt_token_ids=list(d["prompt"]),
             stop_reason=d["stop_reason"], top_logprobs=d["top"] if sp.logprobs is not None else None,
             index=index))
     return completions
