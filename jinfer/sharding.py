@@ -207,6 +207,12 @@ def shard_params(params: dict, config: LlamaConfig, mesh: Mesh, dtype=None) -> d
     for axis, name in enumerate(axes):
       if name in units and units[name][0] != units[name][1]:
         x = _pad_axis(x, axis, *units[name])
+      mesh_axis = RULES.get(name)
+      if mesh_axis is not None and x.shape[axis] % mesh.shape[mesh_axis]:
+        raise InvalidRequestError(
+            f"a {x.shape} parameter array cannot be split {mesh.shape[mesh_axis]} ways along "
+            f"its {name!r} axis ({x.shape[axis]} entries): quantization groups must not "
+            f"straddle shards. Use a smaller model axis or a smaller group_size.")
     return jax.device_put(x, NamedSharding(mesh, spec(*axes)))
 
   def shard(name, x):

@@ -86,6 +86,7 @@ def main(kind: str) -> None:
           "num_sharded": len(fractions)}
   hlo = decode_step_hlo(model.shard({"data": 2, "model": 4}))
   out["all_reduces"] = hlo.count(" all-reduce(")
+  out["all_gathers"] = hlo.count(" all-gather(")
   out["native_matmuls"] = hlo.count("jinfer_matmul_f32")
   out["native_attention"] = hlo.count("jinfer_decode_attention_f32")
   out["n_layers"] = model.config.n_layers
@@ -101,6 +102,16 @@ def main(kind: str) -> None:
         [c.token_ids for c in dp.generate(prompts, GREEDY)] == [c.token_ids for c in want])
     out["data_parallel_replicas_used"] = sum(
         m["generated_tokens"] > 0 for m in dp.engine.metrics()["replicas"])
+    # int4: codes, scales and offsets split with their weight (groups of 16 fit each shard).
+    int4 = model.quantize("int4", group_size=16)
+    out["int4_same_tokens"] = (
+        [c.token_ids for c in jinfer.generate(int4, prompts, GREEDY, mesh={"data": 4, "model": 2})]
+        == [c.token_ids for c in jinfer.generate(int4, prompts, GREEDY)])
+    try:
+      model.quantize("int4", group_size=32).shard({"data": 1, "model": 4})
+      out["int4_bad_groups_refused"] = False
+    except jinfer.InvalidRequestError as e:
+      out["int4_bad_groups_refused"] = "group" in str(e)
     mesh = {"data": 2, "model": 4}
     beam = jinfer.BeamSearchParams(beam_width=2, max_tokens=5)
     out["beam_same"] = ([b[0].token_ids for b in jinfer.beam_search(model, prompts, beam, mesh=mesh)]

@@ -46,6 +46,7 @@ def _check_decode_step(runs: dict) -> None:
   # Row-parallel attention output and MLP down per layer, plus the vocabulary-parallel lookup.
   assert runs["all_reduces"] == 2 * runs["n_layers"] + 1
   assert runs["native_matmuls"] > 0 and runs["native_attention"] > 0
+  assert runs["all_gathers"] == 0  # no weight (nor anything else) is gathered
 
 
 def test_tiny_model_sharded_equals_one_device(tiny_runs):
@@ -57,6 +58,7 @@ def test_tiny_engine_beam_search_and_speculative_sharded_equal_one_device(tiny_r
   assert tiny_runs["engine_same_tokens"]
   assert tiny_runs["beam_same"]
   assert tiny_runs["speculative_same"]
+  assert tiny_runs["int4_same_tokens"] and tiny_runs["int4_bad_groups_refused"]
   # mesh 2x4: one tensor-parallel engine per data row, both serving.
   assert tiny_runs["data_parallel_engine_same_tokens"]
   assert tiny_runs["data_parallel_replicas_used"] == 2
