@@ -166,11 +166,11 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
         f"{quantize!r}. Load the float checkpoint, or pass quantize=None.")
   settings = dict(tokenizer=tokenizer, attention_impl=attention_impl,
                   kv_cache_dtype=kv_cache_dtype, page_size=page_size)
-  if mesh is not None and (quantize is None or stored is not None):
-    # Straight into shards: no device holds the whole model.
-    return Model(config=sharding.padded_config(config, mesh),
-                 params=sharding.shard_params(params, config, mesh, dtype), mesh=mesh, **settings)
-  model = Model(config=config, params=cast_params(params, dtype), **settings)
+  if mesh is None:
+    model = Model(config=config, params=cast_params(params, dtype), **settings)
+  else:  # straight into shards: no device ever holds the whole model
+    model = Model(config=sharding.padded_config(config, mesh),
+                  params=sharding.shard_params(params, config, mesh, dtype), mesh=mesh, **settings)
   if quantize is not None and stored is None:
-    model = model.quantize(quantize)
-  return model if mesh is None else model.shard(mesh)
+    model = model.quantize(quantize)  # shard by shard on a mesh
+  return model

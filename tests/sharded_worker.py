@@ -129,6 +129,12 @@ def main(kind: str) -> None:
       out["restored_same_tokens"] = ([c.token_ids for c in jinfer.generate(restored, prompts, GREEDY)]
                                      == [c.token_ids for c in want])
       out["restored_fractions"] = sorted(set(weight_fractions(restored)))
+    # Quantized as it loads, shard by shard.
+    int8 = jinfer.load_model("smollm2-135m-instruct", quantize="int8", mesh={"model": 4})
+    out["load_quantized_same_tokens"] = (
+        [c.token_ids for c in jinfer.generate(int8, prompts, GREEDY)]
+        == [c.token_ids for c in jinfer.generate(model.quantize("int8"), prompts, GREEDY)])
+    out["load_quantized_fractions"] = sorted(set(weight_fractions(int8)))
   print(json.dumps(out))
 
 

@@ -72,6 +72,7 @@ def test_smollm2_sharded_equals_one_device_float32_and_int8(smollm2_gguf_path):
   _check_decode_step(runs)
   assert runs["restored_same_tokens"]
   assert runs["restored_fractions"] == [1 / 8]
+  assert runs["load_quantized_same_tokens"] and runs["load_quantized_fractions"] == [1 / 4]
 
 
 def test_two_processes_give_the_tokens_of_one():

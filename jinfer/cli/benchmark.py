@@ -49,6 +49,9 @@ def define_flags() -> None:
   flags.DEFINE_list(
       "meshes", [], "Also measure float32 decode sharded over these data x model meshes, e.g. "
       "1x2,2x1 (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices).")
+  flags.DEFINE_list(
+      "prefill_lengths", [], "Measure prefill instead (jinfer/prefill_benchmark.py): time to "
+      "first token of one prompt of each length, e.g. 512,2048,8000, against the peers.")
   flags.DEFINE_bool(
       "serving", False, "Measure serving instead (jinfer/engine/benchmark.py): the engine "
       "against static batching on a request workload, with TTFT/TPOT percentiles.")
@@ -110,12 +113,25 @@ def main(argv) -> None:
     validation.check_request(os.path.isdir(out_dir), f"--json_out: directory {out_dir!r} does "
                              "not exist; create it or write elsewhere.")
   meshes = [_mesh_shape(text) for text in FLAGS.meshes]
+  prefill_lengths = _integers("prefill_lengths")
+  validation.check_request(all(n >= 1 for n in prefill_lengths),
+                           f"--prefill_lengths must be positive, got {list(prefill_lengths)}.")
   for data, tp in meshes:
     sharding.make_mesh({"data": data, "model": tp})  # enough devices?
   model = jinfer.load_model(FLAGS.model, dtype="float32", attention_impl=FLAGS.attention_impl)
   kind, path = registry.resolve(FLAGS.model)
   if FLAGS.serving:
     _serve(model, benchmark.PeerContext(kind, str(path), ()))
+    return
+  if prefill_lengths:
+    from jinfer import prefill_benchmark  # pylint: disable=g-import-not-at-top
+    results = prefill_benchmark.run_prefill(model, prefill_lengths, FLAGS.peers,
+                                            benchmark.PeerContext(kind, str(path), ()),
+                                            FLAGS.repeats)
+    print(prefill_benchmark.format_prefill(results))
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, "w") as f:
+        json.dump(results, f, indent=2)
     return
   ctx = benchmark.PeerContext(
       kind, str(path), tuple(benchmark.build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))

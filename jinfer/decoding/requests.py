@@ -117,9 +117,18 @@ def prepare_batch(model, prompts, params) -> PreparedBatch:
   return b
 
 
+LONG_PROMPT = 512  # beyond this, prompts pad to a multiple of LONG_PROMPT_STEP
+LONG_PROMPT_STEP = 256
+
+
 def prompt_bucket(model, longest: int) -> int:
-  """Padded prompt length: a power of two, and for the paged cache a whole number of pages."""
-  length = bucket(longest)
+  """Padded prompt length: a power of two up to LONG_PROMPT tokens, then a multiple of
+  LONG_PROMPT_STEP (a 5,000-token prompt pads to 5,120, not 8,192); for the paged cache a whole
+  number of pages."""
+  if longest <= LONG_PROMPT:
+    length = bucket(longest)
+  else:
+    length = -(-longest // LONG_PROMPT_STEP) * LONG_PROMPT_STEP
   if model.attention_impl == "pallas":
     length = pages_for(length, model.page_size) * model.page_size
   return length
