@@ -16,6 +16,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 
 from jinfer import validation
 from jinfer.validation import check_request
@@ -57,3 +58,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 def is_main_process() -> bool:
   """Whether this process is the one that prints and writes results (process 0)."""
   return jax.process_index() == 0
+
+
+def random_seed() -> int:
+  """A random sampling seed for a request without one, the same in every process (each process
+  runs the same program, so their shards must sample alike): process 0 draws, the others
+  receive it."""
+  seed = int(np.random.randint(0, 2**31))
+  if jax.process_count() == 1:
+    return seed
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(seed)))

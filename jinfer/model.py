@@ -69,6 +69,10 @@ class Model:
     length, at most the model's context, of ids in its vocabulary."""
     tokens_BxT = validation.token_matrix("token_ids", token_ids_BxT, self.config.vocab_size,
                                          self.config.max_seq_len)
+    rows = len(tokens_BxT)
+    check_request(rows % sharding.data_size(self.mesh) == 0,
+                  f"token_ids has {rows} rows; on this mesh (data axis "
+                  f"{sharding.data_size(self.mesh)}) give a multiple of the data axis.")
     with sharding.use(self.mesh):
       return _full_forward(self.params, jnp.asarray(tokens_BxT), config=self.config)
 

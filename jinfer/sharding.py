@@ -183,8 +183,9 @@ def _pad_axis(x: np.ndarray, axis: int, count: int, new_count: int) -> np.ndarra
   new_size = size * new_count / count
   if new_size != int(new_size):
     raise InvalidRequestError(
-        f"cannot pad an axis of {size} holding {count} units to {new_count} units; choose a "
-        f"model axis that divides the model's heads and MLP width.")
+        f"cannot pad an axis of {size} entries holding {count} units to {new_count} units "
+        f"(quantization groups would straddle units); choose a model axis that divides the "
+        f"model's heads and MLP width, or quantize after sharding.")
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, int(new_size) - size)
   return np.pad(x, widths)
@@ -194,25 +195,26 @@ def shard_params(params: dict, config: LlamaConfig, mesh: Mesh, dtype=None) -> d
   """Pads `params` (of `config`, host or device arrays) for `mesh` and places each array in its
   NamedSharding; float arrays are cast to `dtype` on the host first when given."""
   padded = padded_config(config, mesh)
-  vocab = _round_up(config.vocab_size, model_size(mesh))
   units = {"kv_heads": (config.n_kv_heads, padded.n_kv_heads),
            "heads": (config.n_kv_heads, padded.n_kv_heads),  # wo's columns, by KV group
-           "mlp": (config.d_ff, padded.d_ff),
-           "vocab": (config.vocab_size, vocab)}
+           "mlp": (config.d_ff, padded.d_ff)}
 
   def place(x, axes, cast: bool = True) -> jax.Array:
     x = np.asarray(x)
     if cast and dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
       x = x.astype(dtype)
     for axis, name in enumerate(axes):
-      if name in units and units[name][0] != units[name][1]:
+      if name == "vocab":  # rows (padded already if the model was sharded before)
+        rows = x.shape[axis]
+        x = _pad_axis(x, axis, rows, _round_up(rows, model_size(mesh)))
+      elif name in units and units[name][0] != units[name][1]:
         x = _pad_axis(x, axis, *units[name])
       mesh_axis = RULES.get(name)
       if mesh_axis is not None and x.shape[axis] % mesh.shape[mesh_axis]:
         raise InvalidRequestError(
             f"a {x.shape} parameter array cannot be split {mesh.shape[mesh_axis]} ways along "
-            f"its {name!r} axis ({x.shape[axis]} entries): quantization groups must not "
-            f"straddle shards. Use a smaller model axis or a smaller group_size.")
+            f"its {name!r} axis ({x.shape[axis]} entries; quantization groups must not "
+            f"straddle shards). Use a model axis that divides it, or a smaller group_size.")
     return jax.device_put(x, NamedSharding(mesh, spec(*axes)))
 
   def shard(name, x):
@@ -269,13 +271,22 @@ def host_readable(state):
   them out), so that every process can read them back (in a multi-process run a process sees only
   its own devices' shards); unchanged otherwise. Every program that returns a state the host
   reads or passes on ends with this, so its layout is also the same from call to call."""
-  from jinfer.cache.kv_cache import KVCache  # pylint: disable=g-import-not-at-top
-  from jinfer.cache.paged_kv_cache import PagedKVCache  # pylint: disable=g-import-not-at-top
   if context_mesh() is None:
     return state
+  return jax.lax.with_sharding_constraint(state, state_specs(state))
+
+
+def state_specs(state) -> Any:
+  """PartitionSpecs of a decoding state: its KV caches by `cache_specs`, the rest replicated."""
+  from jinfer.cache.kv_cache import KVCache  # pylint: disable=g-import-not-at-top
+  from jinfer.cache.paged_kv_cache import PagedKVCache  # pylint: disable=g-import-not-at-top
   is_cache = lambda x: isinstance(x, (KVCache, PagedKVCache))
-  specs = jax.tree.map(lambda x: cache_specs(x) if is_cache(x) else P(), state, is_leaf=is_cache)
-  return jax.lax.with_sharding_constraint(state, specs)
+  return jax.tree.map(lambda x: cache_specs(x) if is_cache(x) else P(), state, is_leaf=is_cache)
+
+
+def round_up_rows(rows: int, mesh: Optional[Mesh]) -> int:
+  """`rows` rounded up to a multiple of the data axis: every data shard gets whole rows."""
+  return _round_up(rows, data_size(mesh))
 
 
 def all_reduce(x: jax.Array, sharded: bool) -> jax.Array:

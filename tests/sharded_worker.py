@@ -112,6 +112,31 @@ def main(kind: str) -> None:
       out["int4_bad_groups_refused"] = False
     except jinfer.InvalidRequestError as e:
       out["int4_bad_groups_refused"] = "group" in str(e)
+    # Axes of 3: the vocabulary (256) pads to 258 rows, and is not padded again when the
+    # sharded model is quantized or split into data rows; 4 prompts pad to 6 rows for data 3.
+    odd = model.shard({"data": 2, "model": 3})
+    odd_llm = jinfer.LLM(odd.quantize("int8"), max_num_seqs=2, max_model_len=64, page_size=4,
+                         max_batched_tokens=16)
+    want_int8 = [c.token_ids for c in jinfer.generate(model.quantize("int8"), prompts, GREEDY)]
+    out["odd_axes_same_tokens"] = (
+        [c.token_ids for c in jinfer.generate(odd, prompts, GREEDY)] == [c.token_ids for c in want]
+        and [c.token_ids for c in odd_llm.generate(prompts, GREEDY)] == want_int8
+        and [c.token_ids for c in jinfer.generate(model, prompts, GREEDY,
+                                                  mesh={"data": 3, "model": 2})]
+        == [c.token_ids for c in want])
+    try:  # one paged pool for all rows: not split over data shards, so refused there
+      jinfer.generate(dataclasses.replace(model, attention_impl="pallas"), prompts, GREEDY,
+                      mesh={"data": 2, "model": 1})
+      out["paged_data_axis_refused"] = False
+    except jinfer.InvalidRequestError as e:
+      out["paged_data_axis_refused"] = "data axis" in str(e)
+    # Warm-up on a mesh compiles everything a request needs.
+    warm = jinfer.LLM(model, max_num_seqs=4, max_model_len=64, page_size=4,
+                      max_batched_tokens=16, mesh={"model": 4})
+    warm.engine.warmup()
+    compiled = warm.engine.metrics()["num_compilations"]
+    warm.generate(prompts, GREEDY)
+    out["mesh_compilations_after_warmup"] = warm.engine.metrics()["num_compilations"] - compiled
     mesh = {"data": 2, "model": 4}
     beam = jinfer.BeamSearchParams(beam_width=2, max_tokens=5)
     out["beam_same"] = ([b[0].token_ids for b in jinfer.beam_search(model, prompts, beam, mesh=mesh)]

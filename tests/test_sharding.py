@@ -59,6 +59,9 @@ def test_tiny_engine_beam_search_and_speculative_sharded_equal_one_device(tiny_r
   assert tiny_runs["beam_same"]
   assert tiny_runs["speculative_same"]
   assert tiny_runs["int4_same_tokens"] and tiny_runs["int4_bad_groups_refused"]
+  assert tiny_runs["odd_axes_same_tokens"]
+  assert tiny_runs["paged_data_axis_refused"]
+  assert tiny_runs["mesh_compilations_after_warmup"] == 0
   # mesh 2x4: one tensor-parallel engine per data row, both serving.
   assert tiny_runs["data_parallel_engine_same_tokens"]
   assert tiny_runs["data_parallel_replicas_used"] == 2

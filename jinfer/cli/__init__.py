@@ -48,8 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # absl's --help prints the __main__ module's docstring and the flags keyed to sys.argv[0]:
   # make those the command's.
   sys.modules["__main__"].__doc__ = module.__doc__
-  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  for name in (module.__name__, __name__):  # the command's flags and the multi-host ones
+    for flag in flags.FLAGS.get_flags_for_module(name):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   try:
     app.run(_reporting_errors(module.main), argv=[f"jinfer {command}", *argv[2:]])
   except SystemExit as e:

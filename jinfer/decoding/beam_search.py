@@ -265,9 +265,10 @@ _BEAM_PROGRAM = jax.jit(_beam_program, static_argnames=(
 
 
 def _padded_prompts(prompt_ids: list[list[int]],
-                    min_batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Right-padded tokens [B, T], lengths [B] and active rows [B], B and T bucketed."""
-  batch = bucket(len(prompt_ids), minimum=min_batch)
+                    mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Right-padded tokens [B, T], lengths [B] and active rows [B], B and T bucketed (B a whole
+  number of rows per data shard of `mesh`)."""
+  batch = sharding.round_up_rows(bucket(len(prompt_ids), minimum=1), mesh)
   tokens_BxT = np.zeros((batch, bucket(max(map(len, prompt_ids)))), np.int32)
   prompt_lens_B = np.ones((batch,), np.int32)
   for i, ids in enumerate(prompt_ids):
@@ -293,8 +294,7 @@ def beam_search(model, prompts: Sequence[Prompt], params: BeamSearchParams, *,
   validation.token_ids("stop_token_ids", params.stop_token_ids, model.config.vocab_size,
                        allow_empty=True)
   stop_token_ids = sorted(set(stop_ids(model, params)))
-  tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids,
-                                                     sharding.data_size(model.mesh))
+  tokens_BxT, prompt_lens_B, active_B = _padded_prompts(prompt_ids, model.mesh)
   capacity = bucket(params.max_tokens)
   # bucketed: more candidates never change the result
   stops = bucket(len(stop_token_ids), minimum=1)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jinfer import sharding, validation
+from jinfer import distributed, sharding, validation
 from jinfer.buckets import bucket
 from jinfer.cache.page_allocator import pages_for
 from jinfer.cache.page_plan import PagePlan, plan_shared_pages
@@ -89,9 +89,9 @@ def prepare_batch(model, prompts, params) -> PreparedBatch:
     p.check_vocab(model.config.vocab_size)
     validation.fits_context(i, len(ids), p.max_tokens, model.config.max_seq_len)
   rows = [SequenceRow(i, j, p, stop_ids(model, p)) for i, p in enumerate(params) for j in range(p.n)]
-  rows_per_shard = sharding.data_size(model.mesh)  # every data shard gets whole rows
-  num_prompts = bucket(len(prompt_ids), minimum=rows_per_shard)
-  batch = bucket(len(rows), minimum=rows_per_shard)
+  # Every data shard gets whole rows.
+  num_prompts = sharding.round_up_rows(bucket(len(prompt_ids), minimum=1), model.mesh)
+  batch = sharding.round_up_rows(bucket(len(rows), minimum=1), model.mesh)
   tokens_PxT = np.zeros((num_prompts, prompt_bucket(model, max(map(len, prompt_ids)))), np.int32)
   prompt_lens_P = np.ones((num_prompts,), np.int32)
   for i, ids in enumerate(prompt_ids):
@@ -99,7 +99,7 @@ def prepare_batch(model, prompts, params) -> PreparedBatch:
     prompt_lens_P[i] = len(ids)
   padding = SequenceRow(0, 0, SamplingParams(max_tokens=1, temperature=0.0), [])
   padded = rows + [padding] * (batch - len(rows))
-  seeds = [r.params.seed if r.params.seed is not None else np.random.randint(0, 2**31)
+  seeds = [r.params.seed if r.params.seed is not None else distributed.random_seed()
            for r in padded]
   sampling = SamplingArrays.from_params(
       [r.params for r in padded], seeds, [r.stop_ids for r in padded], model.config.vocab_size,
@@ -110,6 +110,11 @@ def prepare_batch(model, prompts, params) -> PreparedBatch:
              np.arange(batch) >= len(rows), bucket(max(p.max_tokens for p in params)),
              max(p.logprobs or 0 for p in params))
   if model.attention_impl == "pallas":
+    # The paged pool is one for all rows, not split over data shards: a row would read pages
+    # its prompt wrote on another shard.
+    check_request(sharding.data_size(model.mesh) == 1,
+                  "attention_impl='pallas' (the paged cache) runs on a mesh with a data axis of "
+                  "1 only; shard with mesh={'data': 1, 'model': -1}, or use attention_impl='xla'.")
     b.pages = plan_shared_pages(
         [len(ids) for ids in prompt_ids], [r.prompt for r in rows],
         [r.params.max_tokens for r in rows], num_prompts=num_prompts, batch=batch,

@@ -57,8 +57,7 @@ class DataParallelEngine:
         request_id = f"req-{next(self._ids)}"
       check_request(isinstance(request_id, str) and request_id not in self._owner,
                     f"request_id {request_id!r} must be a new string.")
-      replica = min(self.replicas, key=lambda r: r.metrics()["num_running"]
-                    + r.metrics()["num_waiting"])
+      replica = self._least_loaded()
       replica.add_request(prompt, params, request_id)
       self._owner[request_id] = replica
       self._remaining[request_id] = (params or SamplingParams()).n
@@ -86,12 +85,26 @@ class DataParallelEngine:
 
   async def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                    request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-    """`Engine.stream` on the least-loaded replica (which then steps itself)."""
+    """`Engine.stream` on the least-loaded replica (which then steps itself); `abort` reaches
+    it by its id."""
     with self._lock:
-      replica = min(self.replicas, key=lambda r: r.metrics()["num_running"]
-                    + r.metrics()["num_waiting"])
-    async for out in replica.stream(prompt, params, request_id):
-      yield out
+      if request_id is None:
+        request_id = f"req-{next(self._ids)}"
+      check_request(isinstance(request_id, str) and request_id not in self._owner,
+                    f"request_id {request_id!r} must be a new string.")
+      replica = self._owner[request_id] = self._least_loaded()
+    try:
+      async for out in replica.stream(prompt, params, request_id):
+        yield out
+    finally:
+      with self._lock:
+        self._owner.pop(request_id, None)
+
+  def _least_loaded(self) -> Engine:
+    def load(replica: Engine) -> int:
+      m = replica.metrics()
+      return m["num_running"] + m["num_waiting"]
+    return min(self.replicas, key=load)
 
   def warmup(self) -> float:
     """Compiles every replica's programs (in parallel); returns the seconds it took."""

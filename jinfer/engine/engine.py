@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer import sharding, validation
+from jinfer import distributed, sharding, validation
 from jinfer.buckets import bucket
 from jinfer.cache.page_allocator import NO_PAGE, pages_for
 from jinfer.cache.paged_kv_cache import PagedKVCache
@@ -61,7 +61,7 @@ class RequestOutput:
   top_logprobs: Optional[list[dict[int, float]]] = None
   finish_reason: Optional[str] = None
   stop_reason: Union[int, str, None] = None
-  prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+  prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,6 +76,7 @@ class _Sample:
   logprobs: list[float] = dataclasses.field(default_factory=list)
   top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
   sent: int = 0  # tokens already returned in a RequestOutput
+  prompt_token_ids: tuple[int, ...] = ()  # for outputs: read-only, the scheduler keeps a list
 
 
 class Engine:
@@ -179,7 +180,7 @@ class Engine:
         request_id = f"req-{next(self._ids)}"
       check_request(isinstance(request_id, str) and request_id not in self._requests,
                     f"request_id {request_id!r} must be a new string.")
-      seed = params.seed if params.seed is not None else int(np.random.randint(0, 2**31))
+      seed = params.seed if params.seed is not None else distributed.random_seed()
       stops = stop_ids(self.model, params)
       samples = []
       for index in range(params.n):
@@ -187,7 +188,8 @@ class Engine:
                        max_tokens=params.max_tokens)
         sampling_row = self._sampling_row(params, seed, stops, index, words)
         samples.append(_Sample(request_id, SequenceRow(0, index, params, stops), seq,
-                               SequenceText(self.model.tokenizer, params.stop), sampling_row))
+                               SequenceText(self.model.tokenizer, params.stop), sampling_row,
+                               prompt_token_ids=tuple(prompt_ids)))
       self._requests[request_id] = samples
       for sample in samples:
         self._by_seq[sample.seq.seq_id] = sample
@@ -264,7 +266,7 @@ class Engine:
     with self._lock:
       outputs = [RequestOutput(request_id=s.request_id, index=s.row.index, token_ids=[], text="",
                                logprobs=[], finish_reason="abort",
-                               prompt_token_ids=s.seq.prompt_ids) for s in self._aborted]
+                               prompt_token_ids=s.prompt_token_ids) for s in self._aborted]
       self._aborted.clear()
       plan = self._scheduler.schedule()
       self._sync()
@@ -373,7 +375,7 @@ class Engine:
     if self.model.mesh is None:
       return state
     place = lambda spec: jax.sharding.NamedSharding(self.model.mesh, spec)
-    return jax.device_put(state, jax.tree.map(place, programs.state_specs(state)))
+    return jax.device_put(state, jax.tree.map(place, sharding.state_specs(state)))
 
   def _sync(self) -> None:
     """Pushes the page tables, and stops every slot that is not decoding."""
@@ -499,7 +501,7 @@ class Engine:
         text=sample.text.take(final=done), logprobs=sample.logprobs[new],
         top_logprobs=(sample.top_logprobs[new] if sample.row.params.logprobs is not None
                       else None), finish_reason=reason, stop_reason=stop_reason,
-        prompt_token_ids=seq.prompt_ids)
+        prompt_token_ids=sample.prompt_token_ids)
 
   def _forget(self, sample: _Sample) -> None:
     self._by_seq.pop(sample.seq.seq_id, None)

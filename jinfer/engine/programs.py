@@ -48,21 +48,6 @@ def _with_cache(state: EngineState, cache: PagedKVCache) -> EngineState:
   return state.replace(decode=state.decode.replace(cache=cache))
 
 
-def state_specs(state: EngineState):
-  """PartitionSpecs of the state on a mesh: the pool sharded by KV heads (as the model's heads
-  are), everything else replicated."""
-  specs = jax.tree.map(lambda _: sharding.spec(), _with_cache(state, None))
-  return _with_cache(specs, sharding.cache_specs(state.cache))
-
-
-def _pinned(state: EngineState) -> EngineState:
-  """The state with its shardings fixed (under a mesh), so that every program returns it laid
-  out as the next one was compiled to take it."""
-  if sharding.context_mesh() is None:
-    return state
-  return jax.lax.with_sharding_constraint(state, state_specs(state))
-
-
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def prefill(params, state: EngineState, tokens_T: jax.Array, slots_T: jax.Array,
             positions_T: jax.Array, ends_S: jax.Array, *, config) -> tuple[jax.Array, EngineState]:
@@ -82,9 +67,11 @@ def prefill(params, state: EngineState, tokens_T: jax.Array, slots_T: jax.Array,
   view = cache.with_page_tables(tables_TxM, jnp.zeros_like(slots_T))
   h_Tx1xD, view = llama.hidden_states(params, config, tokens_T[:, None], positions_T[:, None],
                                       view)
-  lengths = cache.lengths.at[slots_T].max(positions_T + 1, mode="drop")
+  # A chunk's slot holds positions up to the chunk's end (a reused slot forgets its old length).
+  lengths = cache.lengths.at[slots_T].set(0, mode="drop").at[slots_T].max(positions_T + 1,
+                                                                         mode="drop")
   cache = view.with_page_tables(cache.page_tables, lengths)
-  return h_Tx1xD[ends_S, 0], _pinned(_with_cache(state, cache))
+  return h_Tx1xD[ends_S, 0], sharding.host_readable(_with_cache(state, cache))
 
 
 def _put_row(state: EngineState, slot, row: loop.DecodeState,
@@ -106,8 +93,8 @@ def insert(params, state: EngineState, slot: jax.Array, h_SxD: jax.Array, index:
   logits_V = llama.logits_from_hidden(params, config, h_SxD[index][None, None])[0, 0]
   row = loop.init_state(None, prompt_len[None], prompt_mask_V[None], capacity, num_top,
                         logits_V[None], sampling_row, jnp.zeros((1,), bool))
-  return (_pinned(_put_row(state, slot, row, sampling_row)), row.tokens_BxL[0, 0],
-          row.logprobs_BxL[0, 0],
+  return (sharding.host_readable(_put_row(state, slot, row, sampling_row)),
+          row.tokens_BxL[0, 0], row.logprobs_BxL[0, 0],
           row.top_ids_BxLxN[0, 0], row.top_logprobs_BxLxN[0, 0])
 
 
@@ -123,7 +110,7 @@ def restore(state: EngineState, slot: jax.Array, prompt_len: jax.Array, prompt_m
   row = empty.replace(tokens_BxL=tokens_L[None], num_generated_B=num_generated[None],
                       done_B=jnp.zeros((1,), bool), prompt_lens_B=prompt_len[None],
                       prompt_mask_BxV=prompt_mask_V[None], output_counts_BxV=output_counts_V[None])
-  return _pinned(_put_row(state, slot, row, sampling_row))
+  return sharding.host_readable(_put_row(state, slot, row, sampling_row))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "table_width"),
@@ -151,11 +138,13 @@ def generate(params, state: EngineState, rows_R: jax.Array, *, config, num_steps
                                       cache.lengths.at[rows_R].set(rows.cache.lengths))
   put = lambda full, part: full.at[rows_R].set(part)
   decode = jax.tree.map(put, state.decode.replace(cache=None), rows.replace(cache=None))
-  columns_RxK = jnp.minimum(before_R[:, None] + jnp.arange(num_steps), rows.tokens_BxL.shape[1] - 1)
+  columns_RxK = jnp.minimum(before_R[:, None] + jnp.arange(num_steps),
+                            rows.tokens_BxL.shape[1] - 1)
   window = lambda x: jnp.take_along_axis(
       x, columns_RxK.reshape(columns_RxK.shape + (1,) * (x.ndim - 2)), axis=1)
-  return (_pinned(state.replace(decode=decode.replace(cache=cache))), window(rows.tokens_BxL),
-          window(rows.logprobs_BxL), window(rows.top_ids_BxLxN), window(rows.top_logprobs_BxLxN))
+  state = sharding.host_readable(state.replace(decode=decode.replace(cache=cache)))
+  return (state, window(rows.tokens_BxL), window(rows.logprobs_BxL), window(rows.top_ids_BxLxN),
+          window(rows.top_logprobs_BxLxN))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -163,4 +152,4 @@ def sync(state: EngineState, page_tables_BxM: jax.Array, stop_B: jax.Array) -> E
   """The host's page tables, and slots it stops (a stop string, an abort, a freed slot)."""
   cache = state.cache.with_page_tables(page_tables_BxM, state.cache.lengths)
   decode = state.decode.replace(cache=cache, done_B=state.decode.done_B | stop_B)
-  return _pinned(state.replace(decode=decode))
+  return sharding.host_readable(state.replace(decode=decode))

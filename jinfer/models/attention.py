@@ -79,7 +79,9 @@ def blockwise_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, q_positions_BxT, k_posi
 
   def one_query_block(args):
     q_BxKxGxQxH, q_pos_BxQ = args
-    visible_blocks = jnp.sum(k_block_starts <= q_pos_BxQ.max())
+    # Through the last key block that starts at or before the block's last query.
+    visible_blocks = jnp.max(jnp.where(k_block_starts <= q_pos_BxQ.max(),
+                                       jnp.arange(1, num_k + 1), 0))
 
     def key_block(j, carry):
       running_max, total, acc = carry
