@@ -55,6 +55,7 @@ def test_long_prompt_logits_blockwise_equal_dense_through_both_caches(tiny_model
   positions_1xT = jnp.arange(600, dtype=jnp.int32)[None]
   caches = {"none": lambda: None,
             "contiguous": lambda: KVCache.init(config, 1, 640),
+            "contiguous int8": lambda: KVCache.init(config, 1, 640, jnp.int8),
             "paged": lambda: PagedKVCache.init(config, 40, 16, 1, 40).with_page_tables(
                 jnp.arange(40)[None], jnp.zeros((1,), jnp.int32))}
 
