@@ -176,5 +176,5 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
     model = Model(config=sharding.padded_config(config, mesh),
                   params=sharding.shard_params(params, config, mesh, dtype), mesh=mesh, **settings)
   if quantize is not None and stored is None:
-    model = model.quantize(quantize)  # shard by shard on a mesh
+    model = model.quantize(quantize)  # on a mesh: where the shards lie, re-placed via the host
   return model

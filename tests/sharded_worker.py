@@ -154,7 +154,7 @@ def main(kind: str) -> None:
       out["restored_same_tokens"] = ([c.token_ids for c in jinfer.generate(restored, prompts, GREEDY)]
                                      == [c.token_ids for c in want])
       out["restored_fractions"] = sorted(set(weight_fractions(restored)))
-    # Quantized as it loads, shard by shard.
+    # Quantized as it loads: never the whole float model on one device.
     int8 = jinfer.load_model("smollm2-135m-instruct", quantize="int8", mesh={"model": 4})
     out["load_quantized_same_tokens"] = (
         [c.token_ids for c in jinfer.generate(int8, prompts, GREEDY)]
