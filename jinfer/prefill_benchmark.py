@@ -86,3 +86,28 @@ def format_prefill(results: dict[str, Any]) -> str:
         + f" | {growth:.2f} | {row['jinfer_peak_rss_mb']:.0f} |")
   lines += [f"{name}: skipped: {why}" for name, why in results["skipped"].items()]
   return "\n".join(lines)
+
+
+def plot_prefill(results: dict[str, Any], path: str) -> str:
+  """Writes a PNG of prompt tokens/s against prompt length (log x), one line per system; returns
+  the path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")  # files only, no display
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = results["rows"]
+  lengths = [r["tokens"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(lengths, [r["tokens"] / r["jinfer_seconds"] for r in rows], "o-", label="jinfer")
+  if all("transformers_seconds" in r for r in rows):
+    ax.plot(lengths, [r["tokens"] / r["transformers_seconds"] for r in rows], "s--",
+            label="transformers (SDPA)")
+  ax.set(xscale="log", xlabel="prompt tokens", ylabel="prefill tokens/s",
+         title="Prefill throughput against prompt length")
+  ax.set_xticks(lengths, [str(n) for n in lengths])
+  ax.set_ylim(bottom=0)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -116,6 +116,12 @@ def test_benchmark_refuses_bad_settings_before_loading():
                       "--batch_sizes")
   _assert_clean_error(_run("benchmark", "--model=no-such-model", "--peers=vllm"), "vllm")
   _assert_clean_error(_run("benchmark", "--model=no-such-model", "--quantize=int3"), "int3")
+  _assert_clean_error(_run("benchmark", "--model=no-such-model", "--prefill_lengths=512,0"),
+                      "--prefill_lengths")
+  _assert_clean_error(_run("benchmark", "--model=no-such-model", "--plot_dir=/no/such/dir"),
+                      "--plot_dir")
+  _assert_clean_error(_run("benchmark", "--model=no-such-model", "--meshes=2by2"), "--meshes")
+  _assert_clean_error(_run("generate", "--model=no-such-model", "--mesh=data:x"), "--mesh")
 
 
 @pytest.mark.slow

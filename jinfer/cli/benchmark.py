@@ -52,6 +52,7 @@ def define_flags() -> None:
   flags.DEFINE_list(
       "prefill_lengths", [], "Measure prefill instead (jinfer/prefill_benchmark.py): time to "
       "first token of one prompt of each length, e.g. 512,2048,8000, against the peers.")
+  flags.DEFINE_string("plot_dir", None, "--prefill_lengths: also write prefill.png here.")
   flags.DEFINE_bool(
       "serving", False, "Measure serving instead (jinfer/engine/benchmark.py): the engine "
       "against static batching on a request workload, with TTFT/TPOT percentiles.")
@@ -108,6 +109,9 @@ def main(argv) -> None:
       FLAGS.bandwidth_gbps is None or validation.is_number(FLAGS.bandwidth_gbps)
       and FLAGS.bandwidth_gbps > 0, f"--bandwidth_gbps must be a finite number > 0 (or unset "
       f"to measure it), got {FLAGS.bandwidth_gbps}.")
+  validation.check_request(FLAGS.plot_dir is None or os.path.isdir(FLAGS.plot_dir),
+                           f"--plot_dir: directory {FLAGS.plot_dir!r} does not exist; create it "
+                           "or write elsewhere.")
   if FLAGS.json_out:
     out_dir = os.path.dirname(os.path.abspath(FLAGS.json_out))
     validation.check_request(os.path.isdir(out_dir), f"--json_out: directory {out_dir!r} does "
@@ -129,6 +133,9 @@ def main(argv) -> None:
                                             benchmark.PeerContext(kind, str(path), ()),
                                             FLAGS.repeats)
     print(prefill_benchmark.format_prefill(results))
+    if FLAGS.plot_dir:
+      print("wrote " + prefill_benchmark.plot_prefill(
+          results, os.path.join(FLAGS.plot_dir, "prefill.png")))
     if FLAGS.json_out:
       with open(FLAGS.json_out, "w") as f:
         json.dump(results, f, indent=2)
