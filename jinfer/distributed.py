@@ -25,8 +25,8 @@ from jinfer.validation import check_request
 def _in_detected_cluster() -> bool:
   """A multi-host environment jax.distributed.initialize() configures by itself."""
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hosts or "SLURM_JOB_ID" in os.environ and int(
-      os.environ.get("SLURM_NTASKS", "1")) > 1
+  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_JOB_ID" in os.environ else 1
+  return "," in hosts or slurm_tasks > 1
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,

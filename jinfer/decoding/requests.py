@@ -99,8 +99,11 @@ def prepare_batch(model, prompts, params) -> PreparedBatch:
     prompt_lens_P[i] = len(ids)
   padding = SequenceRow(0, 0, SamplingParams(max_tokens=1, temperature=0.0), [])
   padded = rows + [padding] * (batch - len(rows))
-  seeds = [r.params.seed if r.params.seed is not None else distributed.random_seed()
-           for r in padded]
+  # Rows without a seed take consecutive seeds from one random base (drawn once per batch: in a
+  # multi-process run drawing it is a broadcast).
+  base = distributed.random_seed() if any(r.params.seed is None for r in rows) else 0
+  seeds = [r.params.seed if r.params.seed is not None else base + i
+           for i, r in enumerate(padded)]
   sampling = SamplingArrays.from_params(
       [r.params for r in padded], seeds, [r.stop_ids for r in padded], model.config.vocab_size,
       sample_index=[r.index for r in padded],
