@@ -263,7 +263,8 @@ def cache_specs(cache) -> Any:
                        v_pages=tuple(pool for _ in cache.v_pages),
                        k_scales=tuple(pool for _ in cache.k_scales),
                        v_scales=tuple(pool for _ in cache.v_scales),
-                       page_tables=rows, lengths=rows)
+                       page_tables=rows, lengths=rows,
+                       packed_query_starts=None if cache.packed_query_starts is None else spec())
 
 
 def host_readable(state):

@@ -173,3 +173,44 @@ def test_ragged_plan_mixes_offsets_and_sizes():
     assert all(0 <= stop - start <= RAGGED_WIDTH for start, stop in spans)
   assert any(len({start for start, stop in call if stop > start}) > 1 for call in plan)
   assert any(len({stop - start for start, stop in call if stop > start}) > 1 for call in plan)
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+@pytest.mark.parametrize("num_chunks", [1, 2, 7])
+def test_packed_chunks_give_one_shot_logits_at_every_position(params, num_chunks,
+                                                              attention_impl):
+  """The engine's layout: each chunk is a pack of one-token rows over the sequence's pages
+  (`packed_query_starts`), plus padding rows of no sequence; with "pallas" the pack runs
+  through the ragged kernel (interpret mode here). Every position's logits equal the one-shot
+  contiguous pass's, for 1, 2 and 7 chunks of uneven sizes."""
+  length, padding = max(PROMPT_LENS), 3
+  prompt_T = _prompts()[0, :length]
+  positions_T = np.arange(length, dtype=np.int32)
+  want_TxV, _ = _forward(params, CFG, jnp.asarray(prompt_T[None]), jnp.asarray(positions_T[None]),
+                         KVCache.init(CFG, 1, 32))
+  max_pages = pages_for(length, PAGE_SIZE)
+  table_1xM = np.random.default_rng(num_chunks).permutation(max_pages + 2)[None, :max_pages]
+  cache = PagedKVCache.init(CFG, max_pages + 2, PAGE_SIZE, 1, max_pages,
+                            attention_impl=attention_impl)
+  nan = lambda pages: jnp.full_like(pages, jnp.nan)
+  cache = cache.replace(k_pages=tuple(map(nan, cache.k_pages)),
+                        v_pages=tuple(map(nan, cache.v_pages)))
+  bounds = np.linspace(0, length, num_chunks + 1).astype(int)
+  bounds[1:-1] += np.arange(num_chunks - 1) % 2  # uneven sizes, starts inside pages
+  got = []
+  for start, stop in itertools.pairwise(bounds.tolist()):
+    rows = stop - start + padding
+    tables_RxM = np.full((rows, max_pages), -1, np.int32)
+    tables_RxM[:stop - start] = table_1xM
+    tokens_R = np.zeros((rows,), np.int32)
+    tokens_R[:stop - start] = prompt_T[start:stop]
+    pack_positions_R = np.zeros((rows,), np.int32)
+    pack_positions_R[:stop - start] = positions_T[start:stop]
+    view = cache.with_page_tables(tables_RxM, np.zeros((rows,), np.int32)).replace(
+        packed_query_starts=jnp.asarray([0, stop - start], jnp.int32))
+    logits_Rx1xV, view = _forward(params, CFG, jnp.asarray(tokens_R[:, None]),
+                                  jnp.asarray(pack_positions_R[:, None]), view)
+    got.append(np.asarray(logits_Rx1xV[:stop - start, 0]))
+    cache = view.with_page_tables(table_1xM.astype(np.int32), [stop]).replace(
+        packed_query_starts=None)
+  np.testing.assert_allclose(np.concatenate(got), np.asarray(want_TxV[0]), atol=ATOL, rtol=ATOL)

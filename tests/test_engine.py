@@ -66,6 +66,23 @@ def test_int8_kv_engine_packs_prefill_through_the_gather_path(tiny_model):
   _idle(engine.engine)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_pallas_engine_prefills_through_the_ragged_kernel(tiny_model, kv_cache_dtype,
+                                                         monkeypatch):
+  # attention_impl="pallas": packed prefill chunks go through the ragged paged-attention kernel
+  # and decode through the paged one (both in interpret mode on CPU); same outputs as XLA's.
+  import pallas_kernels.ragged_attention as ragged  # pylint: disable=g-import-not-at-top
+  traced = []
+  kernel = ragged.ragged_paged_attention
+  monkeypatch.setattr(ragged, "ragged_paged_attention",
+                      lambda *a, **k: traced.append(k["interpret"]) or kernel(*a, **k))
+  model = dataclasses.replace(tiny_model, kv_cache_dtype=kv_cache_dtype)
+  engine = LLM(dataclasses.replace(model, attention_impl="pallas"), **SMALL)
+  _assert_same(engine.generate(PROMPTS, GREEDY), jinfer.generate(model, PROMPTS, GREEDY))
+  _idle(engine.engine)
+  assert traced and all(traced)  # traced once per layer and pack size, as the kernel
+
+
 def test_seeded_samples_logprobs_and_n_equal_generate(tiny_model, llm):
   got = llm.generate(PROMPTS[:2], SEEDED)
   want = jinfer.generate(tiny_model, PROMPTS[:2], SEEDED)

@@ -131,12 +131,21 @@ def test_quick_prefill_prints_paged_and_contiguous_times(capsys):
   assert paged > 0 and dense > 0
   assert float(attention["paged / contiguous"]) == pytest.approx(paged / dense, rel=0.02)
   assert float(attention["max diff"]) < 1e-2  # bfloat16 outputs of the same math
+  assert attention["ragged kernel (us)"] == attention["kernel max diff"] == "-"  # CPU: no kernel
   model = _table_rows(out, "model")
   assert [(r["model"], int(r["chunk"])) for r in model] == [
       ("tiny-gqa", s.prompt_len), ("tiny-gqa", s.model_chunk)]
   for r in model:
     assert float(r["paged (ms)"]) > 0 and float(r["contiguous (ms)"]) > 0
     assert float(r["paged / contiguous"]) > 0
+
+
+def test_interpreted_ragged_kernel_reports_its_error_untimed():
+  s = dataclasses.replace(TINY, chunk_sizes=(8,), prefill_batch=2, interpret=True)
+  (row,) = benchmark.bench_prefill_attention(s, log=lambda _: None)
+  assert row["kernel_us"] is None and row["kernel_error"] < 1e-5  # float32, the same attention
+  line = _table_rows(benchmark.format_prefill_table([row]), "batch")[0]
+  assert line["ragged kernel (us)"] == "-" and float(line["kernel max diff"]) < 1e-5
 
 
 def test_bad_settings_name_the_flag():

@@ -48,7 +48,9 @@ pure-XLA path. With the static `attention_impl="pallas"`, `attend` runs one-toke
 queries through the Pallas paged-attention kernel instead, which reads the pages in place
 (compiled on TPU/GPU, interpret mode on CPU); multi-token queries (prefill) use the gather path.
 With "xla" on CPU, one-token queries over float pools run jinfer's native paged decode
-attention (`cpu_kernels.paged_decode_attention`), which also reads pages in place.
+attention (`cpu_kernels.paged_decode_attention`), which also reads pages in place. A view whose
+one-token rows are packed prefill chunks (`packed_query_starts`, set by the engine) goes through
+the ragged paged-attention kernel with "pallas" (`pallas_kernels.ragged_attention`).
 """
 
 from __future__ import annotations
@@ -88,9 +90,14 @@ class PagedKVCache:
   # int8 pools only, per layer [K, P, S_page] float32; empty tuples otherwise (no pytree leaves).
   k_scales: tuple[jax.Array, ...] = ()
   v_scales: tuple[jax.Array, ...] = ()
-  # "xla" (gather + XLA attention) or "pallas" (paged-attention kernel for decode). Static: part
-  # of the tree structure, so jit specializes on it.
+  # "xla" (gather + XLA attention) or "pallas" (paged-attention kernels). Static: part of the
+  # tree structure, so jit specializes on it.
   attention_impl: str = flax.struct.field(pytree_node=False, default="xla")
+  # Only on a view whose B rows are one-token queries of S sequences packed back to back (the
+  # engine's prefill): sequence s owns rows [starts[s], starts[s + 1]), [S + 1] int32. With
+  # "pallas", `attend` then runs them through the ragged kernel, which reads a sequence's pages
+  # once per block of its queries instead of once per query.
+  packed_query_starts: jax.Array | None = None
 
   @classmethod
   def init(cls, config: LlamaConfig, num_pages: int, page_size: int, batch: int,
@@ -220,9 +227,13 @@ class PagedKVCache:
     """Causal attention [B, T, N, H] of queries at `positions` over this layer's pages.
 
     Call after `write`ing the queries' own keys. One query per row with attention_impl="pallas"
-    runs the paged-attention kernel over positions 0..position (the query is the newest token);
-    anything else gathers the pages (`keys_values`) and masks by position.
+    runs the paged-attention kernel over positions 0..position (the query is the newest token),
+    or the ragged kernel when the rows are packed sequences (`packed_query_starts`); anything
+    else gathers the pages (`keys_values`) and masks by position.
     """
+    if (q_BxTxNxH.shape[1] == 1 and self.attention_impl == "pallas"
+        and self.packed_query_starts is not None):
+      return self._ragged_attend(layer, q_BxTxNxH[:, 0], positions_BxT[:, 0])[:, None]
     if q_BxTxNxH.shape[1] == 1 and self.attention_impl == "pallas":
       from pallas_kernels.paged_attention import paged_attention  # pylint: disable=g-import-not-at-top
       backend, interpret = _kernel_backend()
@@ -239,6 +250,23 @@ class PagedKVCache:
           positions_BxT[:, 0],
           fallback=lambda: self._gather_attend(layer, q_BxTxNxH, positions_BxT)[:, 0])[:, None]
     return self._gather_attend(layer, q_BxTxNxH, positions_BxT)
+
+  def _ragged_attend(self, layer: int, q_TxNxH: jax.Array, positions_T: jax.Array) -> jax.Array:
+    """The packed rows' attention through the ragged paged-attention kernel: a sequence's page
+    table is its first row's, and its cached length one past its last row's position."""
+    from pallas_kernels.ragged_attention import ragged_paged_attention  # pylint: disable=g-import-not-at-top
+    backend, interpret = _kernel_backend()
+    starts_S1 = self.packed_query_starts
+    last_row = q_TxNxH.shape[0] - 1
+    first_S, last_S = (jnp.clip(starts_S1[:-1], 0, last_row),
+                       jnp.clip(starts_S1[1:] - 1, 0, last_row))
+    kv_lens_S = jnp.where(starts_S1[1:] > starts_S1[:-1], positions_T[last_S] + 1, 0)
+    scales = {}
+    if self.quantized:
+      scales = {"k_scales": self.k_scales[layer], "v_scales": self.v_scales[layer]}
+    return ragged_paged_attention(
+        q_TxNxH, self.k_pages[layer], self.v_pages[layer], self.page_tables[first_S],
+        kv_lens_S, starts_S1, backend=backend, interpret=interpret, **scales)
 
   def _gather_attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array):
     b, t = q_BxTxNxH.shape[:2]

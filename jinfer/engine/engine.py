@@ -310,11 +310,11 @@ class Engine:
     with self._lock:
       params, config, state = self.model.params, self.model.config, self._state
       i32 = np.int32(0)
-      ends_S = np.zeros((self.max_num_seqs,), np.int32)
+      chunk_starts_S1 = np.zeros((self.max_num_seqs + 1,), np.int32)
       for size in _powers_of_two(16, bucket(self.max_batched_tokens)):
         tokens_T = np.zeros((size,), np.int32)
-        self._program(programs.prefill, params, state, tokens_T, tokens_T, tokens_T, ends_S,
-                      config=config)
+        self._program(programs.prefill, params, state, tokens_T, tokens_T, tokens_T,
+                      chunk_starts_S1, config=config)
       for width in self._table_widths():
         for rows in self._row_buckets():
           self._program(programs.generate, params, state, np.arange(rows, dtype=np.int32),
@@ -399,7 +399,7 @@ class Engine:
     tokens_T = np.zeros((size,), np.int32)
     slots_T = np.full((size,), self.max_num_seqs, np.int32)  # padding: past the last slot
     positions_T = np.zeros((size,), np.int32)
-    ends_S = np.zeros((self.max_num_seqs,), np.int32)
+    chunk_starts_S1 = np.zeros((self.max_num_seqs + 1,), np.int32)  # unused chunks: empty
     offset = 0
     for i, chunk in enumerate(chunks):
       seq, packed = chunk.seq, slice(offset, offset + chunk.length)
@@ -407,9 +407,9 @@ class Engine:
       slots_T[packed] = seq.slot
       positions_T[packed] = np.arange(chunk.start, chunk.start + chunk.length)
       offset += chunk.length
-      ends_S[i] = offset - 1
+      chunk_starts_S1[i + 1:] = offset
     params, config = self.model.params, self.model.config
-    args = (params, self._state, tokens_T, slots_T, positions_T, ends_S)
+    args = (params, self._state, tokens_T, slots_T, positions_T, chunk_starts_S1)
     h_SxD, self._state = self._program(programs.prefill, *args, config=config)(*args)
     for i, chunk in enumerate(chunks):
       if chunk.completes:

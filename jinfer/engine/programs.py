@@ -50,27 +50,33 @@ def _with_cache(state: EngineState, cache: PagedKVCache) -> EngineState:
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def prefill(params, state: EngineState, tokens_T: jax.Array, slots_T: jax.Array,
-            positions_T: jax.Array, ends_S: jax.Array, *, config) -> tuple[jax.Array, EngineState]:
-  """Writes a pack of prompt chunks into their slots' pages: token t belongs to slot
-  `slots_T[t]` at position `positions_T[t]` (padding: a slot past the last, written nowhere).
-  Returns the final hidden states [S, D] after the tokens `ends_S` (each chunk's last), and the
-  state with every packed slot's length advanced to its chunk's end.
+            positions_T: jax.Array, chunk_starts_S1: jax.Array, *,
+            config) -> tuple[jax.Array, EngineState]:
+  """Writes a pack of prompt chunks into their slots' pages: chunk s is the tokens
+  [chunk_starts_S1[s], chunk_starts_S1[s + 1]) (unused chunks are empty, and tokens past the
+  last chunk are padding); token t belongs to slot `slots_T[t]` at position `positions_T[t]`
+  (padding: a slot past the last, written nowhere). Returns the final hidden states [S, D] after
+  each chunk's last token, and the state with every packed slot's length advanced to its chunk's
+  end.
 
   Each token is its own attention row over its slot's pages (ragged paged attention): a chunk
   sees its sequence's earlier chunks and itself, causally, and nothing of the other chunks. So
-  several sequences share one call, and only the pack is padded to a bucket, not each chunk."""
+  several sequences share one call, and only the pack is padded to a bucket, not each chunk.
+  With attention_impl="pallas" the rows go through the ragged kernel as the S chunks they form."""
   cache = state.cache
   num_slots = cache.page_tables.shape[0]
   packed_T = slots_T < num_slots
   tables_TxM = jnp.where(packed_T[:, None], cache.page_tables[jnp.where(packed_T, slots_T, 0)],
                          NO_PAGE)
-  view = cache.with_page_tables(tables_TxM, jnp.zeros_like(slots_T))
+  view = cache.with_page_tables(tables_TxM, jnp.zeros_like(slots_T)).replace(
+      packed_query_starts=chunk_starts_S1)
   h_Tx1xD, view = llama.hidden_states(params, config, tokens_T[:, None], positions_T[:, None],
                                       view)
   # A chunk's slot holds positions up to the chunk's end (a reused slot forgets its old length).
   lengths = cache.lengths.at[slots_T].set(0, mode="drop").at[slots_T].max(positions_T + 1,
                                                                          mode="drop")
-  cache = view.with_page_tables(cache.page_tables, lengths)
+  cache = view.with_page_tables(cache.page_tables, lengths).replace(packed_query_starts=None)
+  ends_S = jnp.maximum(chunk_starts_S1[1:] - 1, 0)
   return h_Tx1xD[ends_S, 0], sharding.host_readable(_with_cache(state, cache))
 
 

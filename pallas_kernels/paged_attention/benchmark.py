@@ -14,8 +14,10 @@ Pallas interpret mode, untimed, for that error alone.
 
 --prefill: a chunk of new tokens attending over paged context, through `PagedKVCache.attend`
 (gather the pages into a contiguous view, then XLA attention) against the same attention over a
-contiguous `KVCache`; the ratio is what the gather costs. Then whole-model prefill of a prompt
-through `llama.forward` with each cache, in one shot and in chunks.
+contiguous `KVCache`; the ratio is what the gather costs. On TPU/GPU the ragged paged-attention
+kernel (`pallas_kernels.ragged_attention`, reading the pages in place) is timed on the same
+chunks (with --interpret on CPU it runs untimed, for its error alone). Then whole-model prefill
+of a prompt through `llama.forward` with each cache, in one shot and in chunks.
 
 Times are the median of `--repeats` runs after a warm-up (compile) run. On CPU the kernels run
 only in Pallas interpret mode, which is not a performance number: only the XLA paths are timed.
@@ -39,6 +41,7 @@ from jinfer.cache import KVCache, PagedKVCache, page_table_array, pages_for
 from jinfer.models import config as config_lib
 from jinfer.models import llama
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.ragged_attention import ragged_paged_attention
 
 # HBM bandwidth in GB/s by device kind (FACTS.md), matched as lowercase substrings in this order
 # ("v5 lite" is v5e, a bare "v5" is v5p). No CPU entry: CPUs differ tenfold, so on CPU the
@@ -264,9 +267,33 @@ def _attend(cache, q_BxTxNxH, positions_BxT):
   return cache.attend(0, q_BxTxNxH, positions_BxT)
 
 
+def ragged_kernel(s: Settings, platform: str) -> tuple[Callable | None, bool]:
+  """(fn(paged cache, q [B, T, N, H]) -> [B, T, N, H] through the ragged kernel, timed?): the
+  platform's compiled kernel, the TPU one interpreted with --interpret elsewhere, else None."""
+  if platform in KERNEL_PLATFORMS:
+    backend, interpret = platform, False
+  elif s.interpret:
+    backend, interpret = "tpu", True
+  else:
+    return None, False
+
+  @jax.jit
+  def run(paged: PagedKVCache, q_BxTxNxH: jax.Array) -> jax.Array:
+    b, t = q_BxTxNxH.shape[:2]
+    out_TxNxH = ragged_paged_attention(
+        q_BxTxNxH.reshape(b * t, *q_BxTxNxH.shape[2:]), paged.k_pages[0], paged.v_pages[0],
+        paged.page_tables, paged.lengths, jnp.arange(0, b * t + 1, t, dtype=jnp.int32),
+        backend=backend, interpret=interpret)
+    return out_TxNxH.reshape(q_BxTxNxH.shape)
+
+  return run, not interpret
+
+
 def bench_prefill_attention(s: Settings,
                             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Chunk attention over paged (gather + XLA) vs contiguous context, per (context, chunk)."""
+  """Chunk attention over paged (gather + XLA) vs contiguous context, per (context, chunk); and
+  the ragged kernel's time (None when interpreted or absent) and max error against contiguous."""
+  kernel, timed = ragged_kernel(s, jax.default_backend())
   rows = []
   for context_len in s.context_lens:
     for chunk in s.chunk_sizes:
@@ -279,19 +306,30 @@ def bench_prefill_attention(s: Settings,
       paged_fn = functools.partial(_attend, paged, q_BxTxNxH, positions_BxT)
       dense_fn = functools.partial(_attend, dense, q_BxTxNxH, positions_BxT)
       paged_s, dense_s = median_seconds(paged_fn, s.repeats), median_seconds(dense_fn, s.repeats)
-      error = jnp.max(jnp.abs(paged_fn().astype(jnp.float32) - dense_fn().astype(jnp.float32)))
-      rows.append({"batch": s.prefill_batch, "context_len": context_len, "chunk": chunk,
-                   "paged_us": paged_s * 1e6, "contiguous_us": dense_s * 1e6,
-                   "ratio": paged_s / dense_s, "max_error": float(error)})
+      want = dense_fn().astype(jnp.float32)
+      error = jnp.max(jnp.abs(paged_fn().astype(jnp.float32) - want))
+      row = {"batch": s.prefill_batch, "context_len": context_len, "chunk": chunk,
+             "paged_us": paged_s * 1e6, "contiguous_us": dense_s * 1e6,
+             "ratio": paged_s / dense_s, "max_error": float(error), "kernel_us": None,
+             "kernel_error": None}
+      if kernel is not None:
+        kernel_fn = functools.partial(kernel, paged, q_BxTxNxH)
+        row["kernel_error"] = float(jnp.max(jnp.abs(kernel_fn().astype(jnp.float32) - want)))
+        if timed:
+          row["kernel_us"] = median_seconds(kernel_fn, s.repeats) * 1e6
+      rows.append(row)
   return rows
 
 
 def format_prefill_table(rows: Sequence[dict[str, Any]]) -> str:
   return _table(
       ["batch", "context", "chunk", "paged (us)", "contiguous (us)", "paged / contiguous",
-       "max diff"],
+       "max diff", "ragged kernel (us)", "kernel / contiguous", "kernel max diff"],
       [[str(r["batch"]), str(r["context_len"]), str(r["chunk"]), f"{r['paged_us']:.1f}",
-        f"{r['contiguous_us']:.1f}", f"{r['ratio']:.2f}", f"{r['max_error']:.2g}"]
+        f"{r['contiguous_us']:.1f}", f"{r['ratio']:.2f}", f"{r['max_error']:.2g}",
+        _number(r["kernel_us"], ".1f"),
+        _number(r["kernel_us"] and r["kernel_us"] / r["contiguous_us"], ".2f"),
+        _number(r["kernel_error"], ".2g")]
        for r in rows])
 
 

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed jax
   pl_triton = None
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
   return 1 << max(x - 1, 0).bit_length()
 
 
@@ -127,10 +127,10 @@ def _paged_attention_gpu(q_BxNxH, k_pages_KxPxSxH, v_pages_KxPxSxH, page_tables_
   m = page_tables_BxM.shape[1]
   g = n // kv_heads
   # Triton blocks are powers of two and tl.dot needs >= 16 rows: pad the query group with zeros.
-  gp = max(16, _next_pow2(g))
+  gp = max(16, next_pow2(g))
   q_BxKxGxH = jnp.pad(q_BxNxH.reshape(b, kv_heads, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
   # Pad the page table (only the table, never the pool) to a power of two of whole splits.
-  pages_per_split = _next_pow2(pl.cdiv(m, num_splits * pages_per_block)) * pages_per_block
+  pages_per_split = next_pow2(pl.cdiv(m, num_splits * pages_per_block)) * pages_per_block
   mp = pages_per_split * num_splits
   tables_BxMp = jnp.pad(page_tables_BxM, ((0, 0), (0, mp - m)), constant_values=-1)
   kernel = functools.partial(_kernel, pages_per_block=pages_per_block,
@@ -188,7 +188,7 @@ def paged_attention_gpu(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
                                  lengths_B, k_scales=k_scales, v_scales=v_scales,
                                  soft_cap=soft_cap, sliding_window=sliding_window)
   if pages_per_block is None:
-    pages_per_block = _next_pow2(max(1, math.ceil(16 / dims.s)))
+    pages_per_block = next_pow2(max(1, math.ceil(16 / dims.s)))
   validation.check_tuning(pages_per_block)
   if num_splits < 1:
     raise ValueError(f"num_splits must be at least 1; got {num_splits}.")

@@ -63,7 +63,7 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *, k_scales=None, v_
   if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(
         f"lengths must be an integer array of shape [B={b}]; got {lengths.dtype} {lengths.shape}.")
-  _check_dtypes(q, k_pages, v_pages, k_scales, v_scales)
+  check_dtypes(q, k_pages, v_pages, k_scales, v_scales)
   if soft_cap is not None and not soft_cap > 0:
     raise ValueError(f"soft_cap must be positive or None; got {soft_cap}.")
   if sliding_window is not None and not sliding_window >= 1:
@@ -78,7 +78,7 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *, k_scales=None, v_
   return Dims(b=b, n=n, h=h, k=k, p=p, s=s, m=m)
 
 
-def _check_dtypes(q, k_pages, v_pages, k_scales, v_scales) -> None:
+def check_dtypes(q, k_pages, v_pages, k_scales, v_scales) -> None:
   """Float pages share q's dtype; int8 pages come with float32 [K, P, S_page] scales."""
   if (k_scales is None) != (v_scales is None):
     raise ValueError("k_scales and v_scales must be given together (int8 K and V pages).")
