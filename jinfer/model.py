@@ -107,6 +107,18 @@ def _full_forward(params, tokens_BxT, *, config):
   return llama.forward(params, config, tokens_BxT, positions)[0]
 
 
+def random_model(preset: str = "tiny-gqa", *, seed: int = 0, dtype="float32") -> Model:
+  """A model of a preset config (`jinfer.models.config.PRESETS`) with random weights and a byte
+  tokenizer: for tests, smoke runs and notebooks, where real weights add nothing."""
+  from jinfer.models import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jinfer.tokenizers import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  validation.one_of("preset", preset, tuple(config_lib.PRESETS))
+  validation.integer("seed", seed)
+  config = config_lib.PRESETS[preset]
+  params = llama.init_params(config, jax.random.key(seed), resolve_dtype(dtype))
+  return Model(config=config, params=params, tokenizer=ByteTokenizer())
+
+
 def resolve_dtype(dtype) -> Any:
   """The jnp dtype of 'float32' or 'bfloat16' (or of jnp.float32 / jnp.bfloat16 themselves)."""
   try:

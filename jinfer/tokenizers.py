@@ -203,7 +203,25 @@ class _SentencePieceBackend:
 
 
 # ---------------------------------------------------------------------------------------------
-# The public tokenizer.
+# The public tokenizers.
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids 0..255, EOS 255: drives models with random weights
+  (`jinfer.model.random_model`) in tests and smoke runs, where a real vocabulary adds nothing."""
+
+  eos_ids = frozenset({255})
+  vocab_size = 256
+
+  def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    """The bytes of `text` (there is no BOS token; add_bos is accepted and ignored)."""
+    del add_bos
+    return list(text.encode())
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    """The text of the bytes `ids`, invalid UTF-8 replaced; EOS dropped if skip_special_tokens."""
+    data = bytes(i for i in ids if not (skip_special_tokens and i in self.eos_ids))
+    return data.decode(errors="replace")
 
 
 class Tokenizer:

@@ -10,8 +10,6 @@ import jax
 import pytest
 
 import jinfer
-from jinfer.models import config as config_lib
-from jinfer.models import llama
 
 # Opt-in: compiled XLA programs persist across test runs in the directory JINFER_TEST_JAX_CACHE
 # names (most of the fast tier's time is compiling the tiny models' programs, the same on every
@@ -54,21 +52,6 @@ def smollm2(smollm2_gguf_path):
   return jinfer.load_model(str(smollm2_gguf_path), dtype="float32")
 
 
-class ByteTokenizer:
-  """Bytes as tokens (ids 0..255), EOS 255: enough to drive tiny random models."""
-
-  eos_ids = frozenset({255})
-  vocab_size = 256
-
-  def encode(self, text, add_bos=None):
-    return list(text.encode())
-
-  def decode(self, ids, skip_special_tokens=False):
-    data = bytes(i for i in ids if not (skip_special_tokens and i in self.eos_ids))
-    return data.decode(errors="replace")
-
-
 @pytest.fixture(scope="session")
 def tiny_model():
-  cfg = config_lib.TINY_GQA
-  return jinfer.Model(cfg, llama.init_params(cfg, jax.random.key(0)), ByteTokenizer())
+  return jinfer.model.random_model("tiny-gqa", seed=0)

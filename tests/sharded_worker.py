@@ -24,14 +24,13 @@ import jinfer.distributed  # pylint: disable=g-import-not-at-top,wrong-import-po
 from jinfer import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jinfer.cache.kv_cache import KVCache  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jinfer.models import config as config_lib, llama  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jinfer.tokenizers import ByteTokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MESHES = [(1, 1), (2, 4), (4, 2), (8, 1), (1, 8)]
 GREEDY = jinfer.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 def tiny_model():
-  sys.path.insert(0, os.path.dirname(__file__))
-  from conftest import ByteTokenizer  # pylint: disable=g-import-not-at-top
   # 3 KV heads, as SmolLM2: no model axis of 2, 4 or 8 divides them (padded heads).
   cfg = dataclasses.replace(config_lib.TINY_GQA, n_heads=6, n_kv_heads=3, d_ff=96)
   return jinfer.Model(cfg, llama.init_params(cfg, jax.random.key(0)), ByteTokenizer())

@@ -1,0 +1,1 @@
+"""ml_collections configs, one per sweep: `get_config("smoke")` is the quick variant."""
