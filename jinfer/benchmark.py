@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -168,6 +169,72 @@ def bandwidth_ceiling(nbytes: int, bandwidth_gbps: float) -> float:
   return bandwidth_gbps * 1e9 / nbytes
 
 
+def param_count(params) -> int:
+  """Number of elements of all arrays in a parameter pytree (of an unquantized model: its
+  parameters, each one multiply-add per token)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def measured_matmul_flops(n: int = 2048, seconds: float = 1.0, repeats: int = 3) -> float:
+  """FLOP/s of float32 `n` x `n` matmuls in JAX on the default device (2 n^3 FLOPs each), back to
+  back for `seconds`, best of `repeats`: an honest peak for the compute ceiling on a CPU, where no
+  datasheet figure applies to XLA's code."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a_nn = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a_nn).block_until_ready()  # compiles
+  best = 0.0
+  for _ in range(repeats):
+    products, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or products == 0:
+      matmul(a_nn).block_until_ready()
+      products += 1
+    best = max(best, products * 2 * n**3 / elapsed)
+  return best
+
+
+def compute_ceiling(num_params: int, flops: float) -> float:
+  """Decode tokens/s (summed over the batch) if every token's 2 FLOPs per parameter ran at
+  `flops` FLOP/s: the same at every batch size."""
+  return flops / (2 * num_params)
+
+
+def roofline_tok_s(batch: int, nbytes: int, bandwidth_gbps: float,
+                   compute_tok_s: Optional[float] = None) -> float:
+  """Decode tokens/s a step of `batch` rows allows: it reads the weights once (so `batch` times
+  the batch-1 bandwidth ceiling), capped by the compute ceiling when one is given."""
+  memory_tok_s = batch * bandwidth_ceiling(nbytes, bandwidth_gbps)
+  return memory_tok_s if compute_tok_s is None else min(memory_tok_s, compute_tok_s)
+
+
+def compute_roofline(model, matmul_n: int = 2048, seconds: float = 1.0,
+                     repeats: int = 3) -> dict[str, Any]:
+  """The compute ceiling's figures for `model`, measured now: parameter count, matmul FLOP/s and
+  where they come from (JSON-able; `jinfer.plots.plot_decode` draws it)."""
+  flops = measured_matmul_flops(matmul_n, seconds, repeats)
+  num_params = param_count(model.params)
+  return {"param_count": num_params, "peak_flops": flops,
+          "compute_tok_s": compute_ceiling(num_params, flops),
+          "source": f"measured matmul FLOP/s: JAX float32 {matmul_n}x{matmul_n} for {seconds:g} "
+                    f"s, best of {repeats}, this run"}
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "point"):
+  """A tqdm bar over `total` measured points on stderr; a silent one when `enabled` is False or
+  stderr is not a terminal (logs, pipes, tests), so redirected output holds no bar frames."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
+              disable=not (enabled and sys.stderr.isatty()))
+
+
+def advance(progress, n: int = 1) -> None:
+  """Moves `progress` (a tqdm bar, or None for no bar) on by `n` measured points."""
+  if progress is not None and n > 0:
+    progress.update(n)
+
+
 def make_row(system: str, dtype: str, batch: int, cfg: BenchConfig, *, compile_s, prefill_s,
              decode_s, nbytes: Optional[int] = None, note: str = "") -> Row:
   """Turns best-of timings into a Row; batch-1 rows with known weight bytes get roofline figures."""
@@ -241,7 +308,8 @@ def model_variant(model, name: str):
   return model.quantize(mode, embeddings=embeddings == "emb8")
 
 
-def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print) -> list[Row]:
+def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print,
+                 progress=None) -> list[Row]:
   """One Row per (format, batch size) for a jinfer Model: each dtype, then each quantized format."""
   prompt_ids = build_prompt_ids(model.tokenizer, cfg.prompt_tokens)
   rows = []
@@ -250,12 +318,13 @@ def bench_jinfer(model, cfg: BenchConfig, log: Callable[[str], None] = print) ->
     for batch in cfg.batch_sizes:
       log(f"jinfer {name} batch {batch} ...")
       rows.append(bench_jinfer_point(variant, prompt_ids, batch, cfg, name))
+      advance(progress)
     del variant
   return rows
 
 
 def bench_meshes(model, cfg: BenchConfig, meshes: Sequence[tuple[int, int]],
-                 log: Callable[[str], None] = print) -> list[Row]:
+                 log: Callable[[str], None] = print, progress=None) -> list[Row]:
   """float32 rows on each (data, model) mesh, named 'jinfer DxM' (the batch is padded to a
   multiple of the data axis; only real rows count)."""
   prompt_ids = build_prompt_ids(model.tokenizer, cfg.prompt_tokens)
@@ -267,12 +336,13 @@ def bench_meshes(model, cfg: BenchConfig, meshes: Sequence[tuple[int, int]],
       log(f"jinfer float32 mesh {data}x{tp} batch {batch} ...")
       rows.append(bench_jinfer_point(sharded, prompt_ids, batch, cfg, "float32",
                                      system=f"jinfer {data}x{tp}"))
+      advance(progress)
     del sharded
   return rows
 
 
 def bench_perplexity(model, names: Sequence[str], log: Callable[[str], None] = print,
-                     text: Optional[str] = None) -> list[dict]:
+                     text: Optional[str] = None, progress=None) -> list[dict]:
   """Perplexity on jinfer/data's text (or `text`) and parameter bytes of each format."""
   from jinfer import evaluate  # pylint: disable=g-import-not-at-top
   rows = []
@@ -281,12 +351,14 @@ def bench_perplexity(model, names: Sequence[str], log: Callable[[str], None] = p
     variant = model_variant(model, name)
     rows.append({"format": name, "param_bytes": weight_bytes(variant.params),
                  "perplexity": evaluate.perplexity(variant, text, chunk_size=1024)})
+    advance(progress)
   for row in rows:
     row["vs_first"] = row["perplexity"] / rows[0]["perplexity"] - 1
   return rows
 
 
 def format_perplexity_table(rows: Sequence[dict]) -> str:
+  """Markdown table of `bench_perplexity` rows (perplexity and MB per format)."""
   lines = ["| format | parameter MB | perplexity | vs " + rows[0]["format"] + " |",
            "|---|---|---|---|"]
   lines += [f"| {r['format']} | {r['param_bytes'] / 1e6:.1f} | {r['perplexity']:.4f} | "
@@ -370,14 +442,15 @@ def bench_transformers_point(torch_model, prompt_ids: Sequence[int], batch: int,
                   note=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def bench_transformers(ctx: PeerContext, cfg: BenchConfig,
-                       log: Callable[[str], None] = print) -> list[Row]:
+def bench_transformers(ctx: PeerContext, cfg: BenchConfig, log: Callable[[str], None] = print,
+                       progress=None) -> list[Row]:
   """transformers float32 rows for every batch size."""
   torch_model = load_transformers_model(ctx)
   rows = []
   for batch in cfg.batch_sizes:
     log(f"transformers float32 batch {batch} ...")
     rows.append(bench_transformers_point(torch_model, ctx.prompt_ids, batch, cfg))
+    advance(progress)
   return rows
 
 
@@ -412,8 +485,8 @@ def _llama_cpp_generate_seconds(llm, prompt_ids: Sequence[int],
   return first, time.perf_counter() - start
 
 
-def bench_llama_cpp(ctx: PeerContext, cfg: BenchConfig,
-                    log: Callable[[str], None] = print) -> list[Row]:
+def bench_llama_cpp(ctx: PeerContext, cfg: BenchConfig, log: Callable[[str], None] = print,
+                    progress=None) -> list[Row]:
   """llama.cpp batch-1 row on the GGUF's own (quantized) weights; larger batches are skipped."""
   llama_cpp = _llama_cpp_module()
   if ctx.checkpoint_kind != "gguf":
@@ -431,36 +504,54 @@ def bench_llama_cpp(ctx: PeerContext, cfg: BenchConfig,
   note = f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}, {threads} threads"
   if any(b != 1 for b in cfg.batch_sizes):
     note += "; batch > 1 not measured (one sequence per Llama context)"
+  advance(progress)
   return [make_row("llama_cpp", "gguf-native", 1, cfg, compile_s=None, prefill_s=prefill,
                    decode_s=decode, nbytes=os.path.getsize(ctx.checkpoint_path), note=note)]
 
 
-# name -> runner(ctx, cfg, log) -> rows; a runner raises PeerUnavailable when it cannot run here.
+# name -> runner(ctx, cfg, log, progress) -> rows; a runner raises PeerUnavailable when it cannot
+# run here.
 PEERS: dict[str, Callable[..., list[Row]]] = {
     "transformers": bench_transformers,
     "llama_cpp": bench_llama_cpp,
 }
 
 
+def peer_points(name: str, cfg: BenchConfig) -> int:
+  """Measured points (progress bar steps) of peer `name`: llama_cpp measures batch 1 only."""
+  return 0 if name == "none" else 1 if name == "llama_cpp" else len(cfg.batch_sizes)
+
+
+def decode_points(cfg: BenchConfig, peers: Sequence[str]) -> int:
+  """Measured points of `run_benchmark`: one per jinfer (format, batch size), and the peers'."""
+  return (len(cfg.dtypes + cfg.quantize) * len(cfg.batch_sizes)
+          + sum(peer_points(name, cfg) for name in peers))
+
+
 def run_peers(peers: Sequence[str], ctx: Optional[PeerContext], cfg: BenchConfig,
-              log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
+              log: Callable[[str], None] = print,
+              progress=None) -> tuple[list[Row], dict[str, str]]:
   """Rows of every requested peer, and {peer: why it was skipped} for those that could not run."""
   rows, skipped = [], {}
   for name in peers:
     if name == "none":
       continue
     check_config(cfg, [name])
+    done_before = progress.n if progress is not None else 0
     if ctx is None:
       skipped[name] = "no checkpoint path to give it (the model was passed in memory)."
-      continue
-    try:
-      rows += PEERS[name](ctx, cfg, log)
-    except PeerUnavailable as e:
-      skipped[name] = str(e)
-    except Exception as e:  # pylint: disable=broad-except  (keep the rows measured so far)
-      skipped[name] = f"failed: {type(e).__name__}: {e}"
+    else:
+      try:
+        rows += PEERS[name](ctx, cfg, log, progress)
+      except PeerUnavailable as e:
+        skipped[name] = str(e)
+      except Exception as e:  # pylint: disable=broad-except  (keep the rows measured so far)
+        skipped[name] = f"failed: {type(e).__name__}: {e}"
     if name in skipped:
       log(f"{name}: skipped: {skipped[name]}")
+      # The points a skipped peer did not measure still count, so the bar ends full.
+      if progress is not None:
+        advance(progress, done_before + peer_points(name, cfg) - progress.n)
   return rows, skipped
 
 
@@ -516,19 +607,20 @@ def speedup_line(rows: Sequence[Row]) -> str:
 
 
 def run_benchmark(model, cfg: BenchConfig, peers: Sequence[str] = ("transformers",),
-                  peer_ctx: Optional[PeerContext] = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  peer_ctx: Optional[PeerContext] = None, log: Callable[[str], None] = print,
+                  progress=None) -> dict[str, Any]:
   """Measures jinfer (`model`, any dtype; cast per row) and the peers; returns a JSON-able dict.
 
   Keys: facts, config, rows (list of Row dicts), skipped ({peer: reason}), speedup (or None).
+  `progress` (a tqdm bar, see `progress_bar`) moves on by one per row, `decode_points` in all.
   """
   check_config(cfg)
   facts = machine_facts()
   gbps, source = roofline_bandwidth(cfg.bandwidth_gbps)
   facts["roofline_bandwidth"] = f"{gbps:.1f} GB/s ({source})"
   cfg = dataclasses.replace(cfg, bandwidth_gbps=gbps)
-  rows = bench_jinfer(model, cfg, log)
-  peer_rows, skipped = run_peers(peers, peer_ctx, cfg, log)
+  rows = bench_jinfer(model, cfg, log, progress)
+  peer_rows, skipped = run_peers(peers, peer_ctx, cfg, log, progress)
   rows += peer_rows
   return {"facts": facts, "config": dataclasses.asdict(cfg),
           "rows": [dataclasses.asdict(r) for r in rows], "skipped": skipped,
@@ -536,7 +628,8 @@ def run_benchmark(model, cfg: BenchConfig, peers: Sequence[str] = ("transformers
 
 
 def bench_beam_search(model, prompt_ids: Sequence[int], widths: Sequence[int], new_tokens: int,
-                      repeats: int = 2, log: Callable[[str], None] = print) -> list[dict]:
+                      repeats: int = 2, log: Callable[[str], None] = print,
+                      progress=None) -> list[dict]:
   """Wall time of one beam search (EOS ignored, so every width runs `new_tokens` steps).
 
   Each row: width, seconds (best of `repeats` after a compiling warm-up), tokens/s counting the
@@ -552,6 +645,7 @@ def bench_beam_search(model, prompt_ids: Sequence[int], widths: Sequence[int], n
     best = min(_timed(lambda: jinfer.beam_search(model, [list(prompt_ids)], params))
                for _ in range(repeats))
     rows.append({"width": width, "seconds": best, "beam_tok_s": width * new_tokens / best})
+    advance(progress)
   for row in rows:
     row["relative_cost"] = row["seconds"] / rows[0]["seconds"]
   return rows
@@ -582,6 +676,8 @@ SPECULATIVE_METHODS = ("ngram", "self")
 
 
 def speculative_config(method: str, model, num_draft_tokens: int = 4):
+  """The SpeculativeConfig `method` ("ngram", "self") stands for; "self" drafts with the
+  first two thirds of the model's layers."""
   import jinfer  # pylint: disable=g-import-not-at-top
   if method == "self":
     return jinfer.SpeculativeConfig(method="self", num_draft_tokens=num_draft_tokens,
@@ -590,8 +686,8 @@ def speculative_config(method: str, model, num_draft_tokens: int = 4):
 
 
 def bench_speculative(model, prompts: dict[str, list[int]], methods: Sequence[str],
-                      new_tokens: int, repeats: int = 2,
-                      log: Callable[[str], None] = print) -> list[dict]:
+                      new_tokens: int, repeats: int = 2, log: Callable[[str], None] = print,
+                      progress=None) -> list[dict]:
   """Greedy decode tok/s with and without speculative decoding, per workload and method."""
   import jinfer  # pylint: disable=g-import-not-at-top
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
@@ -611,10 +707,12 @@ def bench_speculative(model, prompts: dict[str, list[int]], methods: Sequence[st
                    "speedup": tok_s / plain_tok_s,
                    "acceptance": stats.acceptance_rate if spec else None,
                    "tokens_per_forward": stats.tokens_per_target_forward if spec else 1.0})
+      advance(progress)
   return rows
 
 
 def format_speculative_table(rows: Sequence[dict]) -> str:
+  """Markdown table of `bench_speculative` rows."""
   lines = ["| workload | draft | decode tok/s | vs plain | acceptance | tokens per target forward |",
            "|---|---|---|---|---|---|"]
   for r in rows:
@@ -625,6 +723,7 @@ def format_speculative_table(rows: Sequence[dict]) -> str:
 
 
 def format_beam_table(rows: Sequence[dict]) -> str:
+  """Markdown table of `bench_beam_search` rows."""
   lines = ["| beam width | seconds | beam tokens/s | cost vs first |", "|---|---|---|---|"]
   lines += [f"| {r['width']} | {r['seconds']:.2f} | {r['beam_tok_s']:.1f} | "
             f"{r['relative_cost']:.2f}x |" for r in rows]

@@ -22,6 +22,7 @@ DEFAULT_TEXT = Path(__file__).parent / "data" / "alice_chapter1.txt"
 
 
 def default_text() -> str:
+  """The default evaluation text (jinfer/data/alice_chapter1.txt)."""
   return DEFAULT_TEXT.read_text(encoding="utf-8")
 
 

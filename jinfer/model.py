@@ -25,6 +25,8 @@ KV_CACHE_DTYPES = ("auto", "int8")
 
 @dataclasses.dataclass(frozen=True)
 class Model:
+  """A loaded model: config, params (sharded over `mesh` if set), tokenizer and decode settings."""
+
   config: LlamaConfig
   params: dict[str, Any]
   tokenizer: Any  # jinfer.tokenizers.Tokenizer
@@ -158,7 +160,9 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   ('xla', 'pallas' or 'auto') sets how generate decodes (see `Model.attention_impl`);
   `kv_cache_dtype` ('auto' or 'int8') and `page_size` set the KV cache it decodes through.
   `quantize` ('int8': per-channel int8 weights, 'w8a8': int8 weights and activations, 'int4':
-  group-wise int4 weights) quantizes the projections after loading; a checkpoint saved quantized loads quantized as it was saved.
+  group-wise int4 weights) quantizes the projections after loading; a GGUF file's Q4_0/Q4_1
+  blocks (int4) and Q8_0 blocks (int8) are kept as they are instead, in groups of 32. A
+  checkpoint saved quantized loads quantized as it was saved.
   `mesh` (a jax Mesh with axes ("data", "model"), or sizes such as {"data": 1, "model": -1})
   shards the model as it loads: each host array goes straight into its shards.
   """
@@ -173,8 +177,10 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   validation.integer("page_size", page_size, low=1)
   mesh = None if mesh is None else sharding.make_mesh(mesh)
   kind, path = registry.resolve(os.fspath(name_or_path))
-  loader = {"gguf": gguf_loader.load_gguf, "hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind]
-  config, params, tokenizer = loader(path)
+  if kind == "gguf":  # quantized straight from the file's blocks where their format allows
+    config, params, tokenizer = gguf_loader.load_gguf(path, quantize=quantize)
+  else:
+    config, params, tokenizer = {"hf": hf_loader.load_hf_dir, "orbax": orbax_io.load}[kind](path)
   stored = quant_weights.describe(params)
   if stored is not None and quantize is not None and stored["mode"] != quantize:
     raise InvalidRequestError(

@@ -16,7 +16,8 @@ import resource
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from jinfer.benchmark import PeerContext, PeerUnavailable, build_prompt_ids, load_transformers_model
+from jinfer.benchmark import (PeerContext, PeerUnavailable, advance, build_prompt_ids,
+                              load_transformers_model)
 
 
 def _peak_rss_mb() -> float:
@@ -24,6 +25,7 @@ def _peak_rss_mb() -> float:
 
 
 def bench_jinfer_prefill(model, prompt_ids: Sequence[int], repeats: int) -> dict[str, float]:
+  """Best-of-`repeats` seconds of jinfer's prefill of one prompt (after a compiling run)."""
   import jinfer  # pylint: disable=g-import-not-at-top
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
   params = jinfer.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -34,6 +36,7 @@ def bench_jinfer_prefill(model, prompt_ids: Sequence[int], repeats: int) -> dict
 
 
 def bench_transformers_prefill(torch_model, prompt_ids: Sequence[int], repeats: int) -> float:
+  """Best-of-`repeats` seconds of transformers' forward over the prompt with its KV cache."""
   import torch  # pylint: disable=g-import-not-at-top
   ids = torch.tensor([list(prompt_ids)])
 
@@ -48,7 +51,10 @@ def bench_transformers_prefill(torch_model, prompt_ids: Sequence[int], repeats: 
 
 
 def run_prefill(model, lengths: Sequence[int], peers: Sequence[str], ctx: Optional[PeerContext],
-                repeats: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
+                repeats: int = 2, log: Callable[[str], None] = print,
+                progress=None) -> dict[str, Any]:
+  """One row per prompt length (jinfer, and transformers when asked for and available);
+  `progress` (a tqdm bar) moves on by one per length."""
   rows = []
   torch_model, skipped = None, {}
   if "transformers" in peers:
@@ -67,10 +73,12 @@ def run_prefill(model, lengths: Sequence[int], peers: Sequence[str], ctx: Option
       log(f"prefill {length} tokens: transformers ...")
       row["transformers_seconds"] = bench_transformers_prefill(torch_model, prompt, repeats)
     rows.append(row)
+    advance(progress)
   return {"rows": rows, "skipped": skipped, "repeats": repeats}
 
 
 def format_prefill(results: dict[str, Any]) -> str:
+  """Markdown table of the prefill results, one row per prompt length."""
   rows = results["rows"]
   first = rows[0]
   lines = ["| prompt tokens | jinfer s | jinfer tok/s | transformers s | jinfer vs transformers | "
@@ -91,12 +99,13 @@ def format_prefill(results: dict[str, Any]) -> str:
 def plot_prefill(results: dict[str, Any], path: str) -> str:
   """Writes a PNG of prompt tokens/s against prompt length (log x), one line per system; returns
   the path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")  # files only, no display
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A bare Figure renders with Agg on savefig: no display, and no pyplot state or backend switch
+  # in the caller's process.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   rows = results["rows"]
   lengths = [r["tokens"] for r in rows]
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   ax.plot(lengths, [r["tokens"] / r["jinfer_seconds"] for r in rows], "o-", label="jinfer")
   if all("transformers_seconds" in r for r in rows):
     ax.plot(lengths, [r["tokens"] / r["transformers_seconds"] for r in rows], "s--",
@@ -109,5 +118,4 @@ def plot_prefill(results: dict[str, Any], path: str) -> str:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

@@ -111,10 +111,12 @@ def spec(*logical: Optional[str]) -> P:
 
 
 def model_size(mesh: Optional[Mesh]) -> int:
+  """Devices along the model (tensor-parallel) axis; 1 without a mesh."""
   return 1 if mesh is None else mesh.shape[MODEL]
 
 
 def data_size(mesh: Optional[Mesh]) -> int:
+  """Devices along the data (batch) axis; 1 without a mesh."""
   return 1 if mesh is None else mesh.shape[DATA]
 
 
@@ -220,7 +222,7 @@ def shard_params(params: dict, config: LlamaConfig, mesh: Mesh, dtype=None) -> d
   def shard(name, x):
     axes = _leaf_axes(name, x)
     if isinstance(x, QuantizedWeight):
-      # Quantized weights keep their codes and float32 scales.
+      # Quantized weights keep their codes, scales and offsets in their stored dtypes.
       return x.replace(codes=place(x.codes, axes.codes, False),
                        scales=place(x.scales, axes.scales, False),
                        offsets=None if x.offsets is None else place(x.offsets, axes.offsets, False))

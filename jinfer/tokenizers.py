@@ -363,6 +363,7 @@ class Tokenizer:
 
   @property
   def vocab_size(self) -> int:
+    """Number of token ids."""
     return self._backend.vocab_size
 
   @property
@@ -396,6 +397,7 @@ class Tokenizer:
                                                         skip_special_tokens))
 
   def id_to_piece(self, i: int) -> str:
+    """The vocabulary string of token `i` (InvalidRequestError outside the vocabulary)."""
     piece = self._backend.id_to_piece(int(i))
     if piece is None:
       raise InvalidRequestError(f"Token id {i} is outside the vocabulary of {self.vocab_size}.")

@@ -73,6 +73,7 @@ def number(name: str, value, *, low=None, high=None, low_open: bool = False,
 
 
 def boolean(name: str, value) -> bool:
+  """`value` as a bool; refuses anything but True/False (numpy bools included)."""
   check_request(isinstance(value, (bool, np.bool_)), f"{name} must be True or False, got {value!r}.")
   return bool(value)
 
@@ -205,11 +206,13 @@ def model(value) -> None:
 
 
 def mapping(name: str, value) -> Mapping:
+  """`value`, checked to be a mapping."""
   check_request(isinstance(value, Mapping), f"{name} must be a dict, got {type(value).__name__}.")
   return value
 
 
 def one_of(name: str, value, accepted: Sequence[Any]) -> Any:
+  """`value`, checked to equal one of `accepted` with the same type (1 is not True)."""
   check_request(any(value is a or (type(value) is type(a) and value == a) for a in accepted),
                 f"{name} must be one of {list(accepted)}, got {value!r}.")
   return value

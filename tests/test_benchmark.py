@@ -43,6 +43,29 @@ def test_run_benchmark_one_point_with_a_given_bandwidth(tiny_model):
   assert benchmark.report(results).count("| jinfer |") == 1
 
 
+def test_run_with_plot_dir_writes_decode_png(tiny_model, tmp_path, capsys):
+  """What `jinfer benchmark --plot_dir` does after measuring, on the tiny model: the compute
+  ceiling, then decode.png; the progress bar, off, writes nothing to stderr."""
+  from matplotlib import image  # pylint: disable=g-import-not-at-top
+  from jinfer import plots  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(TINY, dtypes=("float32",), bandwidth_gbps=25.0)
+  with benchmark.progress_bar(benchmark.decode_points(cfg, ["none"]), "decode",
+                              enabled=False) as bar:
+    results = benchmark.run_benchmark(tiny_model, cfg, peers=["none"], log=lambda _: None,
+                                      progress=bar)
+  assert capsys.readouterr().err == ""
+  roofline = benchmark.compute_roofline(tiny_model, matmul_n=128, seconds=0.01, repeats=1)
+  # float32: 4 bytes per parameter, so the weight bytes the table uses count the same params.
+  assert roofline["param_count"] * 4 == results["rows"][0]["weight_bytes"]
+  assert roofline["peak_flops"] > 0 and "measured matmul FLOP/s" in roofline["source"]
+  assert roofline["compute_tok_s"] == pytest.approx(
+      roofline["peak_flops"] / (2 * roofline["param_count"]))
+  results["compute_roofline"] = roofline
+  path = plots.plot_decode(results, str(tmp_path / "decode.png"), "tiny")
+  assert image.imread(path).shape == (500, 800, 4)
+  json.dumps(results)  # still JSON-able for --json_out
+
+
 @pytest.mark.slow
 def test_run_benchmark_on_tiny_model(tiny_model, tmp_path):
   logs = []

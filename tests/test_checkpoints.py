@@ -247,6 +247,53 @@ def test_quantized_gguf_dequantizes_within_format_error(tmp_path, qtype):
     assert 0 < err <= 1.01 * QUANT_TOLERANCE[qtype] * scale, (name, err / scale)
 
 
+@pytest.mark.parametrize("qtype,mode,bits", [(QT.Q4_0, "int4", 4), (QT.Q4_1, "int4", 4),
+                                              (QT.Q8_0, "int8", 8)], ids=lambda x: str(x))
+def test_block_formats_load_straight_into_quantized_weights(tmp_path, qtype, mode, bits):
+  """Q4_0/Q4_1 -> int4 and Q8_0 -> int8 groups of 32 with no round trip through float: the
+  dequantized weights equal the float load's bit for bit, q/k rows un-permuted and fused."""
+  from jinfer.quant import weights as qw  # pylint: disable=g-import-not-at-top
+  w = hf_weights(TINY, seed=5, untied=True)
+  path = write_gguf(tmp_path / "q.gguf", TINY, gguf_tensors(TINY, w, permute=True), qtype=qtype)
+  _, quantized, _ = load_gguf(path, quantize=mode)
+  _, floats, _ = load_gguf(path)
+  for got, want in zip(quantized["layers"], floats["layers"]):
+    for name in qw.PROJECTIONS:
+      q = got[name]
+      assert isinstance(q, qw.QuantizedWeight) and q.bits == bits and q.group_size == 32
+      assert q.scales.dtype == (np.float16 if bits == 4 else np.float32)
+      np.testing.assert_array_equal(np.asarray(q.dequantize()), want[name], err_msg=name)
+    np.testing.assert_array_equal(got["attn_norm"], want["attn_norm"])
+  np.testing.assert_array_equal(quantized["embed"], floats["embed"])  # embeddings stay float
+  assert qw.describe(quantized) == {"mode": mode, "group_size": 32, "embeddings": False}
+
+
+def test_other_formats_are_quantized_from_float_on_a_quantized_load(tmp_path):
+  from jinfer.quant import weights as qw  # pylint: disable=g-import-not-at-top
+  w = hf_weights(TINY, seed=6, untied=True)
+  path = write_gguf(tmp_path / "q.gguf", TINY, gguf_tensors(TINY, w, permute=True),
+                    qtype=QT.Q4_1)
+  _, params, _ = load_gguf(path, quantize="int8")  # Q4_1 is no int8 block: per channel
+  assert qw.describe(params) == {"mode": "int8", "group_size": None, "embeddings": False}
+  path = write_gguf(tmp_path / "f.gguf", TINY, gguf_tensors(TINY, w, permute=True))
+  _, params, _ = load_gguf(path, quantize="int4")  # F32: quantized with the default groups
+  assert qw.describe(params) == {"mode": "int4", "group_size": 32, "embeddings": False}
+
+
+def test_load_model_keeps_the_files_blocks(tmp_path):
+  import jinfer  # pylint: disable=g-import-not-at-top
+  w = hf_weights(TINY, seed=7, untied=True)
+  path = write_gguf(tmp_path / "q.gguf", TINY, gguf_tensors(TINY, w, permute=True),
+                    qtype=QT.Q4_1)
+  model = jinfer.load_model(str(path), quantize="int4")
+  floats = jinfer.load_model(str(path))
+  params = jinfer.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+  want = np.asarray(floats.logits([[3, 4, 5]]))  # same weights, another summation order
+  np.testing.assert_allclose(model.logits([[3, 4, 5]]), want, atol=1e-5 * np.abs(want).max())
+  assert ([c.token_ids for c in jinfer.generate(model, [[3, 4, 5]], params)]
+          == [c.token_ids for c in jinfer.generate(floats, [[3, 4, 5]], params)])
+
+
 # K-quants: gguf 0.19 cannot quantize them in numpy, so these encoders write blocks by hand from
 # the C layouts in ggml-quants.c (dequantize_row_q{4,5,6}_K). All sub-block scales are 1 and
 # mins/offsets are fixed, so an integer grid times each block's d is represented exactly.

@@ -1,5 +1,8 @@
 """The prefill benchmark: its table, its plot, and a run on the tiny model."""
 
+from matplotlib import image
+
+from jinfer import benchmark
 import jinfer.prefill_benchmark as prefill_benchmark
 
 RESULTS = {"rows": [
@@ -21,11 +24,14 @@ def test_plot_is_a_png(tmp_path):
   path = prefill_benchmark.plot_prefill(RESULTS, str(tmp_path / "prefill.png"))
   data = open(path, "rb").read()
   assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+  assert image.imread(path).shape == (480, 720, 4)  # 6 x 4 inches at 120 dpi, RGBA
 
 
-def test_runs_on_the_tiny_model(tiny_model):
-  results = prefill_benchmark.run_prefill(tiny_model, [8, 40], peers=["none"], ctx=None,
-                                          repeats=1, log=lambda _: None)
+def test_runs_on_the_tiny_model(tiny_model, capsys):
+  with benchmark.progress_bar(2, "prefill", enabled=False) as bar:
+    results = prefill_benchmark.run_prefill(tiny_model, [8, 40], peers=["none"], ctx=None,
+                                            repeats=1, log=lambda _: None, progress=bar)
+  assert capsys.readouterr().err == ""  # the bar is off: tqdm wrote nothing
   rows = results["rows"]
   assert [r["tokens"] for r in rows] == [8, 40]
   assert all(r["jinfer_seconds"] > 0 and r["jinfer_peak_rss_mb"] > 0 for r in rows)

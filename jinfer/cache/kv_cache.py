@@ -26,6 +26,8 @@ from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
 
 @flax.struct.dataclass
 class KVCache:
+  """Contiguous K/V cache: per layer k/v [B, K, S, H] (int8 ones with scales [B, K, S])."""
+
   k: tuple[jax.Array, ...]  # per layer: [B, K, S, H]
   v: tuple[jax.Array, ...]  # per layer: [B, K, S, H]
   # int8 caches only, per layer [B, K, S] float32; empty tuples otherwise (no pytree leaves).
@@ -44,6 +46,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
+    """S: the positions each row can hold."""
     return self.k[0].shape[2]
 
   @property

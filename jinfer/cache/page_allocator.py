@@ -49,6 +49,7 @@ class PageAllocator:
 
   @property
   def num_free(self) -> int:
+    """Pages no sequence holds now."""
     return len(self._free)
 
   def refcount(self, page: int) -> int:

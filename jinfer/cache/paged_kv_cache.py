@@ -124,10 +124,12 @@ class PagedKVCache:
 
   @property
   def num_pages(self) -> int:
+    """P: pages in each layer's pool."""
     return self.k_pages[0].shape[1]
 
   @property
   def page_size(self) -> int:
+    """Tokens per page."""
     return self.k_pages[0].shape[2]
 
   @property
@@ -146,6 +148,7 @@ class PagedKVCache:
 
   @property
   def max_pages_per_seq(self) -> int:
+    """M: the width of the page table [B, M]."""
     return self.page_tables.shape[1]
 
   @property

@@ -41,6 +41,7 @@ class PrefixCache:
 
   @property
   def num_cached(self) -> int:
+    """Full pages the cache holds by their prefix key (in use or evictable)."""
     return len(self._key_by_page)
 
   def keys(self, tokens: Sequence[int]) -> list[bytes]:

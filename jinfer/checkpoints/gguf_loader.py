@@ -1,7 +1,10 @@
-"""Loads llama.cpp GGUF files into jinfer's float32 params layout.
+"""Loads llama.cpp GGUF files into jinfer's params layout.
 
 Supported architectures: 'llama' (which llama.cpp also uses for Mistral and SmolLM) and 'qwen2'.
-Every tensor type that `gguf.quants.dequantize` knows is dequantized to float32 on load.
+Every tensor type that `gguf.quants.dequantize` knows is dequantized to float32 on load, except
+when a quantized load is asked for and a layer's projections are all in a block format jinfer
+stores as it is (`DIRECT_TYPES`): Q4_0 and Q4_1 blocks become int4 weights and Q8_0 blocks int8
+weights with groups of 32, with no round trip through float and the same dequantized values.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import gguf
 import numpy as np
@@ -31,15 +34,18 @@ _READER_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, st
                   UnicodeDecodeError, EOFError, OSError)
 
 
-def load_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, Params, "Tokenizer"]:
-  """Returns (config, float32 params, tokenizer) from a GGUF file."""
+def load_gguf(path: str | os.PathLike,
+              quantize: Optional[str] = None) -> tuple[LlamaConfig, Params, "Tokenizer"]:
+  """Returns (config, params, tokenizer) from a GGUF file: float32 params, or with `quantize`
+  ('int8', 'w8a8', 'int4') projections quantized (straight from the file's blocks where their
+  format allows, see `params_from_gguf`)."""
   from jinfer.tokenizers import Tokenizer  # Imported late: tokenizers imports nothing from here.
 
   reader = open_gguf(path)
   source = f"GGUF file '{path}'"
   config = config_from_gguf(reader, source)
   tokenizer = Tokenizer.from_gguf_reader(reader)  # Before the slow part: fail fast.
-  return config, params_from_gguf(reader, config, source), tokenizer
+  return config, params_from_gguf(reader, config, source, quantize=quantize), tokenizer
 
 
 def load_gguf_params(path: str | os.PathLike) -> tuple[LlamaConfig, Params]:
@@ -261,63 +267,179 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# GGUF block formats stored as they are, by quantize mode: each 32-input block's codes and
+# float16 scale (and Q4_1's float16 minimum) are exactly an int4 / int8 group of 32.
+DIRECT_TYPES = {"int4": (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1),
+                "int8": (gguf.GGMLQuantizationType.Q8_0,)}
+DIRECT_GROUP = 32  # inputs per GGUF block
+
+
+class Blocks(NamedTuple):
+  """A GGUF tensor's blocks as [O, I] integer codes with a scale (and offset) per 32 inputs:
+  w = codes * scales + offsets. 4-bit codes are uint8 in [0, 15] with float16 scales and
+  offsets; 8-bit codes are int8 with float32 scales (each a float16 value) and no offsets."""
+  codes: np.ndarray
+  scales: np.ndarray
+  offsets: Optional[np.ndarray]
+
+  def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> "Blocks":
+    """The same blocks with `fn` applied to each array (row permutations, reshapes)."""
+    return Blocks(fn(self.codes), fn(self.scales),
+                  None if self.offsets is None else fn(self.offsets))
+
+
+def read_blocks(tensor: Any) -> Blocks:
+  """A Q4_0, Q4_1 or Q8_0 tensor's raw bytes as `Blocks` (layouts of ggml's block_q4_0,
+  block_q4_1 and block_q8_0: a float16 d (and m), then the codes; a 4-bit block stores input j
+  in the low nibble of byte j and input j + 16 in its high nibble)."""
+  qtype = tensor.tensor_type
+  out_features, in_features = (int(n) for n in reversed(tensor.shape))
+  groups = in_features // DIRECT_GROUP
+  raw = np.asarray(tensor.data, np.uint8).reshape(out_features, groups, -1)
+  half = lambda start: raw[..., start:start + 2].copy().view("<f2")[..., 0].astype(np.float16)
+  if qtype == gguf.GGMLQuantizationType.Q8_0:
+    codes = raw[..., 2:].copy().view(np.int8).reshape(out_features, in_features)
+    return Blocks(codes, half(0).astype(np.float32), None)
+  scales = half(0)
+  if qtype == gguf.GGMLQuantizationType.Q4_1:
+    offsets, nibbles = half(2), raw[..., 4:]
+  else:  # Q4_0: (q - 8) * d = q * d + (-8 d); -8 d is exact in float16 (checked by the caller)
+    offsets, nibbles = scales * np.float16(-8), raw[..., 2:]
+  codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+  return Blocks(codes.reshape(out_features, in_features), scales, offsets)
+
+
 def params_from_gguf(reader: gguf.GGUFReader, config: LlamaConfig,
-                     source: str = "GGUF metadata") -> Params:
-  """Dequantizes every tensor and arranges it in jinfer's params layout, checked against
-  `config` (read from `source`)."""
+                     source: str = "GGUF metadata", quantize: Optional[str] = None) -> Params:
+  """Reads every tensor into jinfer's params layout, checked against `config` (read from
+  `source`).
+
+  quantize ('int8', 'w8a8', 'int4'): the projections come back quantized. A layer whose
+  projections are all in a `DIRECT_TYPES` format of that mode keeps the file's blocks; any
+  other is dequantized and quantized again (in groups of 32 when the file has direct blocks,
+  so every layer has the same format). Everything else is float32.
+  """
   validation.check_layer_count([t.name for t in reader.tensors], "blk.", config, source,
                                f"{config.architecture}.block_count")
-  get = _tensor_getter(reader)
+  get = _tensor_getter(reader, DIRECT_TYPES.get(quantize, ()))
+  layers = [_layer(get, config, i) for i in range(config.n_layers)]
   params: Params = {
-      "embed": get("token_embd.weight", (config.vocab_size, config.d_model)),
-      "final_norm": get("output_norm.weight", (config.d_model,)),
-      "layers": [_layer(get, config, i) for i in range(config.n_layers)],
+      "embed": get("token_embd.weight", (config.vocab_size, config.d_model), float_only=True),
+      "final_norm": get("output_norm.weight", (config.d_model,), float_only=True),
+      "layers": layers,
   }
   if not config.tie_embeddings:
-    params["lm_head"] = get("output.weight", (config.vocab_size, config.d_model))
+    params["lm_head"] = get("output.weight", (config.vocab_size, config.d_model),
+                            float_only=True)
+  if quantize is not None:
+    params["layers"] = _quantized_layers(layers, quantize)
   validation.check_params(params, config, source)
   return params
 
 
-def _tensor_getter(reader: gguf.GGUFReader) -> Callable[[str, tuple[int, ...]], np.ndarray]:
+def _quantized_layers(layers: list[dict], mode: str) -> list[dict]:
+  """Each layer's projections as QuantizedWeights: `Blocks` as they are, float ones quantized."""
+  from jinfer.quant import weights as quant_weights  # pylint: disable=g-import-not-at-top
+  direct = any(isinstance(layer["w_qkv"], Blocks) for layer in layers)
+  group_size = DIRECT_GROUP if direct else None
+  out = []
+  for layer in layers:
+    layer = dict(layer)
+    for name in quant_weights.PROJECTIONS:
+      w = layer[name]
+      if isinstance(w, Blocks) and w.offsets is not None:
+        layer[name] = quant_weights.QuantizedWeight(
+            quant_weights.pack_int4(w.codes), w.scales, w.offsets, bits=4)
+      elif isinstance(w, Blocks):
+        layer[name] = quant_weights.QuantizedWeight(w.codes, w.scales, bits=8)
+      else:
+        layer[name] = quant_weights.quantize(w, mode, group_size)
+    out.append(layer)
+  return out
+
+
+def _tensor_getter(reader: gguf.GGUFReader, direct_types: tuple = ()) -> Callable[..., Any]:
+  """get(name, shape, float_only=False): the tensor as float32, or as `Blocks` when its type is
+  one of `direct_types` (and its blocks represent it exactly)."""
   tensors = _tensor_by_name(reader)
 
-  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+  def get(name: str, shape: tuple[int, ...], float_only: bool = False) -> np.ndarray | Blocks:
     if name not in tensors:
       raise CheckpointError(
           f"GGUF tensor '{name}' is missing; the file is incomplete or not a "
           "Llama-family model. Re-download or re-convert it.")
-    value = _dequantize(tensors[name])
-    if value.shape != shape:
+    tensor = tensors[name]
+    got = tuple(int(n) for n in reversed(tensor.shape))
+    if got != shape:
       raise CheckpointError(
-          f"GGUF tensor '{name}' has shape {value.shape}, expected {shape} from the metadata; "
+          f"GGUF tensor '{name}' has shape {got}, expected {shape} from the metadata; "
           "the file is inconsistent. Re-convert it.")
-    return value
+    if not float_only and tensor.tensor_type in direct_types and len(shape) == 2:
+      blocks = read_blocks(tensor)
+      if all(np.isfinite(x).all() for x in (blocks.scales, blocks.offsets) if x is not None):
+        return blocks
+    return _dequantize(tensor)
 
   return get
 
 
-def _layer(get: Callable[[str, tuple[int, ...]], np.ndarray], config: LlamaConfig,
-           i: int) -> dict[str, np.ndarray]:
+def _dequantized(x: np.ndarray | Blocks) -> np.ndarray:
+  if not isinstance(x, Blocks):
+    return x
+  w = x.codes.astype(np.float32).reshape(*x.scales.shape, DIRECT_GROUP)
+  w = w * x.scales[..., None].astype(np.float32)
+  if x.offsets is not None:
+    w = w + x.offsets[..., None].astype(np.float32)
+  return w.reshape(x.codes.shape)
+
+
+def _layer(get: Callable[..., Any], config: LlamaConfig, i: int) -> dict[str, Any]:
+  """Layer i packed (`llama.pack_layer`): float arrays, or `Blocks` projections when every
+  projection of the layer came back as blocks of one bit width."""
   d, n, k, h, f = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
                    config.d_ff)
   p = f"blk.{i}."
   # Only 'llama' files carry the interleaved-RoPE row permutation; qwen2 uses NEOX order already.
   fix = ((lambda w, heads: unpermute_rows(w, heads)) if config.architecture == "llama"
          else (lambda w, heads: w))
-  layer = {
-      "attn_norm": get(p + "attn_norm.weight", (d,)),
-      "wq": fix(get(p + "attn_q.weight", (n * h, d)), n).reshape(n, h, d),
-      "wk": fix(get(p + "attn_k.weight", (k * h, d)), k).reshape(k, h, d),
-      "wv": get(p + "attn_v.weight", (k * h, d)).reshape(k, h, d),
-      "wo": get(p + "attn_output.weight", (d, n * h)).reshape(d, n, h),
-      "mlp_norm": get(p + "ffn_norm.weight", (d,)),
-      "w_gate": get(p + "ffn_gate.weight", (f, d)),
-      "w_up": get(p + "ffn_up.weight", (f, d)),
-      "w_down": get(p + "ffn_down.weight", (d, f)),
+  projections = {
+      "wq": (get(p + "attn_q.weight", (n * h, d)), n),
+      "wk": (get(p + "attn_k.weight", (k * h, d)), k),
+      "wv": (get(p + "attn_v.weight", (k * h, d)), None),
+      "wo": (get(p + "attn_output.weight", (d, n * h)), None),
+      "w_gate": (get(p + "ffn_gate.weight", (f, d)), None),
+      "w_up": (get(p + "ffn_up.weight", (f, d)), None),
+      "w_down": (get(p + "ffn_down.weight", (d, f)), None),
   }
+  # Rows of q and k un-permuted, q/k/v split by head (pack_layer's [heads, H, inputs] inputs).
+  split = {"wq": n, "wk": k, "wv": k}
+
+  def arrange(name: str, w: np.ndarray) -> np.ndarray:
+    heads = projections[name][1]
+    w = w if heads is None else fix(w, heads)
+    return w.reshape(split[name], h, -1) if name in split else w
+
+  kinds = {type(w) if not isinstance(w, Blocks) else (Blocks, w.offsets is None)
+           for w, _ in projections.values()}
+  if len(kinds) == 1 and isinstance(next(iter(projections.values()))[0], Blocks):
+    parts = [llama.pack_layer({name: arrange(name, part(w)) for name, (w, _) in
+                               projections.items()})
+             for part in (lambda b: b.codes, lambda b: b.scales, lambda b: b.offsets
+                          if b.offsets is not None else b.scales)]
+    has_offsets = next(iter(projections.values()))[0].offsets is not None
+    layer = {name: Blocks(parts[0][name], parts[1][name], parts[2][name] if has_offsets else None)
+             for name in parts[0]}
+  else:
+    layer = llama.pack_layer({name: arrange(name, _dequantized(w))
+                              for name, (w, _) in projections.items()})
+  layer["attn_norm"] = get(p + "attn_norm.weight", (d,), float_only=True)
+  layer["mlp_norm"] = get(p + "ffn_norm.weight", (d,), float_only=True)
   if config.qkv_bias:
-    layer["bq"] = fix(get(p + "attn_q.bias", (n * h,)), n).reshape(n, h)
-    layer["bk"] = fix(get(p + "attn_k.bias", (k * h,)), k).reshape(k, h)
-    layer["bv"] = get(p + "attn_v.bias", (k * h,)).reshape(k, h)
-  return {name: np.ascontiguousarray(w) for name, w in llama.pack_layer(layer).items()}
+    bias = {"bq": (get(p + "attn_q.bias", (n * h,), float_only=True), n),
+            "bk": (get(p + "attn_k.bias", (k * h,), float_only=True), k),
+            "bv": (get(p + "attn_v.bias", (k * h,), float_only=True), None)}
+    layer["b_qkv"] = np.concatenate([
+        (b if heads is None else fix(b, heads)).reshape(kv, -1, h)
+        for (b, heads), kv in zip(bias.values(), (k, k, k))], axis=1).reshape(-1)
+  return {name: w if isinstance(w, Blocks) else np.ascontiguousarray(w)
+          for name, w in layer.items()}

@@ -55,6 +55,7 @@ def load_hf_params(path: str | os.PathLike) -> tuple[LlamaConfig, Params]:
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
+  """The parsed config.json of HF model directory `path` (CheckpointError if absent/invalid)."""
   if not path.is_dir():
     raise CheckpointError(
         f"Hugging Face model directory not found: '{path}'. Pass a directory holding "
@@ -219,9 +220,11 @@ class SafetensorsDir:
 
   @property
   def names(self) -> list[str]:
+    """Names of every tensor in the directory's safetensors files."""
     return list(self._where)
 
   def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor `name` as float32, checked to have `shape` (else CheckpointError)."""
     if name not in self._where:
       raise CheckpointError(
           f"tensor '{name}' is missing from the safetensors files in "

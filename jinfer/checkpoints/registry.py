@@ -44,6 +44,7 @@ class RegistryEntry:
 
   @property
   def filename(self) -> str:
+    """The model file's name, without its path inside the wheel."""
     return PurePosixPath(self.member).name
 
 
@@ -72,6 +73,7 @@ def cache_dir() -> Path:
 
 
 def entry(name: str) -> RegistryEntry:
+  """The registry entry of model `name` (UnknownModelError if there is none)."""
   if name not in REGISTRY:
     raise UnknownModelError(
         f"'{name}' is not a registry model name; known names: {sorted(REGISTRY)}.")
@@ -120,6 +122,7 @@ def fetch(name: str = DEFAULT_MODEL, *, downloader: Optional[Downloader] = None)
 
 
 def sha256_of(path: Path) -> str:
+  """Hex SHA-256 of the file at `path`, read in 1 MiB chunks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -128,6 +131,7 @@ def sha256_of(path: Path) -> str:
 
 
 def verify_sha256(path: Path, expected: str) -> None:
+  """Raises ChecksumMismatchError unless the file at `path` hashes to `expected`."""
   actual = sha256_of(path)
   if actual != expected:
     raise ChecksumMismatchError(

@@ -8,7 +8,9 @@ application's own `--model` never clashes with ours).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import types
 import os
 import sys
 from typing import Optional, Sequence
@@ -22,12 +24,35 @@ COMMANDS = {
 
 
 def usage() -> str:
+  """The text `jinfer --help` prints: the usage line and every command."""
   width = max(map(len, COMMANDS))
   lines = ["usage: jinfer <command> [--flag=value ...]   (or: python -m jinfer <command> ...)",
            "", "commands:"]
   lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
   lines += ["", "`jinfer <command> --help` lists a command's flags."]
   return "\n".join(lines)
+
+
+def bound_flags(flag_values) -> types.SimpleNamespace:
+  """absl's DEFINE_* functions defining into `flag_values`: each command's
+  `define_flags(flag_values)` calls them as `flags.DEFINE_*`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return types.SimpleNamespace(**{
+      name: functools.partial(getattr(flags, name), flag_values=flag_values)
+      for name in dir(flags) if name.startswith("DEFINE_")})
+
+
+def command_flags(command: str):
+  """A fresh absl `FlagValues` holding `command`'s flags and the multi-host ones, as `jinfer
+  <command>` defines them, without running it (for tools and tests that check flag names and
+  values)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if command not in COMMANDS:
+    raise ValueError(f"unknown command {command!r}; use one of {list(COMMANDS)}.")
+  fresh = flags.FlagValues()
+  importlib.import_module(f"jinfer.cli.{command}").define_flags(fresh)
+  _define_distributed_flags(fresh)
+  return fresh
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -62,9 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
-def _define_distributed_flags() -> None:
+def _define_distributed_flags(flag_values=None) -> None:
   """Every command can run as one process of a multi-host run (jinfer.distributed)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  flags = bound_flags(absl_flags.FLAGS if flag_values is None else flag_values)
   flags.DEFINE_string("coordinator_address", None,
                       "Multi-host: process 0's host:port (not needed on TPU VMs).")
   flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")

@@ -3,8 +3,10 @@
   jinfer benchmark --batch_sizes=1,8 --dtypes=float32,bfloat16 --peers=transformers
   jinfer benchmark --batch_sizes=1 --dtypes=float32 --quantize=int8,w8a8,int4,int8kv \
       --perplexity --peers=none
+  jinfer benchmark --batch_sizes=1,2,4,8,16 --plot_dir=plots
 
-What is measured and how: jinfer/benchmark.py.
+What is measured and how: jinfer/benchmark.py; the plots: jinfer/plots.py. Tables and log lines
+go to stdout; the progress bar goes to stderr, and only when it is a terminal.
 """
 
 import dataclasses
@@ -13,10 +15,14 @@ import os
 
 from absl import flags
 
+from jinfer import cli
+
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """Defines this command's flags in `flag_values` (absl's global FLAGS when it runs)."""
+  flags = cli.bound_flags(flag_values)  # shadows absl.flags here: DEFINE_* into flag_values
   from jinfer.benchmark import DTYPES, KNOWN_PEERS, QUANT_FORMATS  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string(
       "model", "smollm2-135m-instruct",
@@ -52,7 +58,15 @@ def define_flags() -> None:
   flags.DEFINE_list(
       "prefill_lengths", [], "Measure prefill instead (jinfer/prefill_benchmark.py): time to "
       "first token of one prompt of each length, e.g. 512,2048,8000, against the peers.")
-  flags.DEFINE_string("plot_dir", None, "--prefill_lengths: also write prefill.png here.")
+  flags.DEFINE_string(
+      "plot_dir", None, "Also write a plot into this existing directory: decode.png by default "
+      "(decode tok/s against batch size, one line per system and format, each with its roofline "
+      "min(batch x bandwidth / weight bytes, measured matmul FLOP/s / (2 x params))); "
+      "prefill.png with --prefill_lengths (prefill tok/s against prompt length); serving.png "
+      "with --serving (CDFs of the engine's per-request TTFT and TPOT).")
+  flags.DEFINE_bool(
+      "progress", True, "Show a progress bar over the measured points on stderr (only when "
+      "stderr is a terminal); --noprogress hides it.")
   flags.DEFINE_bool(
       "serving", False, "Measure serving instead (jinfer/engine/benchmark.py): the engine "
       "against static batching on a request workload, with TTFT/TPOT percentiles.")
@@ -89,10 +103,13 @@ def _mesh_shape(text: str) -> tuple[int, int]:
 
 
 def main(argv) -> None:
+  """Runs the benchmark mode the flags select and prints its tables (and plots, JSON)."""
   del argv
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   import jinfer  # pylint: disable=g-import-not-at-top
-  from jinfer import benchmark, sharding, validation  # pylint: disable=g-import-not-at-top
+  from jinfer import benchmark, plots, sharding, validation  # pylint: disable=g-import-not-at-top
   from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
+  log = tqdm.write  # print, but clears and redraws a progress bar around the line
   cfg = benchmark.BenchConfig(
       batch_sizes=_integers("batch_sizes"), dtypes=tuple(FLAGS.dtypes),
       prompt_tokens=FLAGS.prompt_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
@@ -125,13 +142,15 @@ def main(argv) -> None:
   model = jinfer.load_model(FLAGS.model, dtype="float32", attention_impl=FLAGS.attention_impl)
   kind, path = registry.resolve(FLAGS.model)
   if FLAGS.serving:
-    _serve(model, benchmark.PeerContext(kind, str(path), ()))
+    _serve(model, benchmark.PeerContext(kind, str(path), ()), log)
     return
   if prefill_lengths:
     from jinfer import prefill_benchmark  # pylint: disable=g-import-not-at-top
-    results = prefill_benchmark.run_prefill(model, prefill_lengths, FLAGS.peers,
-                                            benchmark.PeerContext(kind, str(path), ()),
-                                            FLAGS.repeats)
+    with benchmark.progress_bar(len(prefill_lengths), "prefill", FLAGS.progress,
+                                unit="length") as bar:
+      results = prefill_benchmark.run_prefill(model, prefill_lengths, FLAGS.peers,
+                                              benchmark.PeerContext(kind, str(path), ()),
+                                              FLAGS.repeats, log, bar)
     print(prefill_benchmark.format_prefill(results))
     if FLAGS.plot_dir:
       print("wrote " + prefill_benchmark.plot_prefill(
@@ -142,34 +161,52 @@ def main(argv) -> None:
     return
   ctx = benchmark.PeerContext(
       kind, str(path), tuple(benchmark.build_prompt_ids(model.tokenizer, cfg.prompt_tokens)))
-  results = benchmark.run_benchmark(model, cfg, FLAGS.peers, ctx)
-  if meshes:
-    measured = dataclasses.replace(cfg, bandwidth_gbps=results["config"]["bandwidth_gbps"])
-    results["rows"] += [dataclasses.asdict(r)
-                        for r in benchmark.bench_meshes(model, measured, meshes)]
-  if FLAGS.speculative:
-    results["speculative"] = benchmark.bench_speculative(
-        model, benchmark.speculative_prompts(model.tokenizer, cfg.prompt_tokens),
-        FLAGS.speculative, cfg.new_tokens, cfg.repeats)
-  if beam_widths:
-    results["beam_search"] = benchmark.bench_beam_search(
-        model, ctx.prompt_ids, beam_widths, cfg.new_tokens, cfg.repeats)
-  if FLAGS.perplexity:
-    results["perplexity"] = benchmark.bench_perplexity(model, cfg.dtypes + cfg.quantize)
+  spec_prompts = (benchmark.speculative_prompts(model.tokenizer, cfg.prompt_tokens)
+                  if FLAGS.speculative else {})
+  formats = cfg.dtypes + cfg.quantize
+  points = (benchmark.decode_points(cfg, FLAGS.peers) + len(meshes) * len(cfg.batch_sizes)
+            + len(spec_prompts) * (1 + len(FLAGS.speculative)) + len(beam_widths)
+            + (len(formats) if FLAGS.perplexity else 0))
+  with benchmark.progress_bar(points, "decode benchmark", FLAGS.progress) as bar:
+    results = benchmark.run_benchmark(model, cfg, FLAGS.peers, ctx, log, bar)
+    if meshes:
+      measured = dataclasses.replace(cfg, bandwidth_gbps=results["config"]["bandwidth_gbps"])
+      results["rows"] += [dataclasses.asdict(r)
+                          for r in benchmark.bench_meshes(model, measured, meshes, log, bar)]
+    if FLAGS.speculative:
+      results["speculative"] = benchmark.bench_speculative(
+          model, spec_prompts, FLAGS.speculative, cfg.new_tokens, cfg.repeats, log, bar)
+    if beam_widths:
+      results["beam_search"] = benchmark.bench_beam_search(
+          model, ctx.prompt_ids, beam_widths, cfg.new_tokens, cfg.repeats, log, bar)
+    if FLAGS.perplexity:
+      results["perplexity"] = benchmark.bench_perplexity(model, formats, log, progress=bar)
+  if FLAGS.plot_dir:  # only then: the matmul measurement takes a few seconds
+    log("compute ceiling: float32 matmul FLOP/s ...")
+    results["compute_roofline"] = benchmark.compute_roofline(model)
   print(benchmark.report(results))
+  if FLAGS.plot_dir:
+    print("wrote " + plots.plot_decode(results, os.path.join(FLAGS.plot_dir, "decode.png"),
+                                       FLAGS.model))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(results, f, indent=2)
     print(f"wrote {FLAGS.json_out}")
 
 
-def _serve(model, ctx) -> None:
+def _serve(model, ctx, log) -> None:
+  from jinfer import benchmark, plots  # pylint: disable=g-import-not-at-top
   from jinfer.engine import benchmark as serving  # pylint: disable=g-import-not-at-top
   cfg = serving.ServingConfig(num_requests=FLAGS.num_requests, request_rate=FLAGS.request_rate,
                               max_num_seqs=FLAGS.max_num_seqs, static_batch=FLAGS.static_batch,
                               steps_per_call=FLAGS.steps_per_call)
-  results = serving.run_serving(model, cfg, FLAGS.peers, ctx)
+  with benchmark.progress_bar(serving.serving_points(cfg, FLAGS.peers), "serving",
+                              FLAGS.progress, unit="request") as bar:
+    results = serving.run_serving(model, cfg, FLAGS.peers, ctx, log, bar)
   print(serving.format_serving(results))
+  if FLAGS.plot_dir:
+    print("wrote " + plots.plot_serving(results, os.path.join(FLAGS.plot_dir, "serving.png"),
+                                        FLAGS.model))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(results, f, indent=2)

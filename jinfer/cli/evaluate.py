@@ -8,10 +8,14 @@ Wonderland, about 2.9k SmolLM2 tokens) or on --text_file.
 
 from absl import flags
 
+from jinfer import cli
+
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """Defines this command's flags in `flag_values` (absl's global FLAGS when it runs)."""
+  flags = cli.bound_flags(flag_values)  # shadows absl.flags here: DEFINE_* into flag_values
   from jinfer.quant.weights import MODES  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("model", "smollm2-135m-instruct", "Model name or path.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations.")
@@ -23,6 +27,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
+  """Loads the model and prints its perplexity on --text_file (default: jinfer/data's text)."""
   del argv
   import jinfer  # pylint: disable=g-import-not-at-top
   from jinfer import evaluate  # pylint: disable=g-import-not-at-top

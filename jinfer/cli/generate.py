@@ -7,10 +7,15 @@ Prints the completion, then compile time, prefill time and decode speed on separ
 
 from absl import flags
 
+from jinfer import cli
+
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """Defines this command's flags in `flag_values` (absl's global FLAGS when it runs)."""
+  flags = cli.bound_flags(flag_values)  # shadows absl.flags here: DEFINE_* into flag_values
+  from jinfer.quant.weights import MODES  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("prompt", "What is the capital of France?", "Prompt text.")
   flags.DEFINE_bool("chat", False, "Wrap the prompt as a user message in the chat template.")
   flags.DEFINE_string(
@@ -21,8 +26,7 @@ def define_flags() -> None:
       "attention_impl", "auto", ["auto", "xla", "pallas"],
       "Decode attention: xla (contiguous cache), pallas (paged cache + Pallas kernel; "
       "interpreted, slow, on CPU) or auto (pallas on TPU/GPU, xla on CPU).")
-  flags.DEFINE_enum("quantize", None, ["int8", "w8a8", "int4"],
-                    "Quantize the weights after loading.")
+  flags.DEFINE_enum("quantize", None, list(MODES), "Quantize the weights after loading.")
   flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
                     "KV cache format: the model dtype, or int8 with scales.")
   flags.DEFINE_integer("max_tokens", 64, "Most tokens to generate.", lower_bound=1)
@@ -36,6 +40,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
+  """Checks the request, loads the model, completes --prompt and prints the text and timings."""
   del argv
   import jinfer  # pylint: disable=g-import-not-at-top
   from jinfer import validation  # pylint: disable=g-import-not-at-top

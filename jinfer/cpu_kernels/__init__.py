@@ -6,7 +6,7 @@ weights to a float32 copy before every dot, so smaller weights decode *slower* t
 `paged_decode_attention` does the same for a paged pool, reading pages in place.
 These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
-int4 codes + scales + offsets) and return x @ W.T as [..., N]. `decode_attention` fuses a
+int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_attention` fuses a
 decode step's attention over a contiguous cache, which XLA compiles to a dozen small ops.
 
 Each entry point takes the XLA computation it replaces (`fallback`) and uses it when the kernel
@@ -61,9 +61,11 @@ def int8_matmul(x_BxTxK: jax.Array, codes_NxK: jax.Array, scales: jax.Array,
 def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Array,
                 offsets_NxG: jax.Array, fallback: Callable[[], jax.Array],
                 out_dtype=None) -> jax.Array:
-  """x @ (codes * scales + offsets).T for two 4-bit codes per byte (even input low)."""
+  """x @ (codes * scales + offsets).T for two 4-bit codes per byte (even input low); the
+  kernel reads float16 scales and offsets."""
   group = packed_NxK2.shape[1] * 2 // scales_NxG.shape[1]
-  return _call("jinfer_matmul_int4", x_BxTxK, (packed_NxK2, scales_NxG, offsets_NxG),
+  return _call("jinfer_matmul_int4", x_BxTxK,
+               (packed_NxK2, scales_NxG.astype(jnp.float16), offsets_NxG.astype(jnp.float16)),
                packed_NxK2.shape[0], group, fallback, out_dtype)
 
 

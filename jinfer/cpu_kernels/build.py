@@ -59,6 +59,7 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
+  """Where the kernels built by `compiler` for this source, jaxlib and CPU are cached."""
   # Imported here: the checkpoints package imports the model, which imports these kernels.
   from jinfer.checkpoints.registry import cache_dir  # pylint: disable=g-import-not-at-top
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout

@@ -2,7 +2,7 @@
 //
 // Matmuls y[M, N] = x[M, K] @ W[N, K].T for few rows M (one per sequence in a decode step),
 // with W stored as float32, bfloat16, int8 codes (per-row or per-group scales) or packed int4
-// codes (per-group scale and offset). Every weight is read once per call, converted to float32
+// codes (per-group float16 scale and offset). Every weight is read once per call, converted to float32
 // in registers and multiplied into the M rows: decode is bound by reading the weights, and
 // XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy first).
 //
@@ -376,12 +376,76 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// int4: w[n, k] = code * scale[n, g] + offset[n, g]. The offsets term is
-// offset[n, g] * sum_{k in g} x[m, k], so per-group sums of x are taken once per call. Within
-// each 32-input block x is reordered to [16 even inputs, 16 odd inputs] so the low and high
-// nibbles of the block's 16 bytes multiply contiguous x.
+// IEEE float16 -> float32 (int4 scales and offsets are stored in 16 bits, as GGUF's Q4_1).
+inline float HalfToFloat(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float f = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t bits = exponent == 31 ? sign | 0x7F800000u | (mantissa << 13)
+                                       : sign | ((exponent + 112) << 23) | (mantissa << 13);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+// sum_k x[i, k] * code[k] * scale(group of k) for MT rows of shuffled x (stride K) against one
+// packed int4 weight row: each 32-code block is decoded to floats once and multiplied into all
+// MT rows, so a batch costs one decode per weight, as the float path's loads do.
+template <int MT>
+inline void Int4DotRows(const float* xs, int64_t K, const uint8_t* row, int64_t group,
+                        const uint16_t* scales, float* out) {
+#ifdef JINFER_AVX512
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    __m512 lo_acc[MT], hi_acc[MT];
+    for (int i = 0; i < MT; ++i) lo_acc[i] = hi_acc[i] = _mm512_setzero_ps();
+    for (int64_t k = g0; k < g0 + group; k += 32) {
+      PrefetchAhead(row + k / 2);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low_nibbles)));
+      const __m512 hi = _mm512_cvtepi32_ps(
+          _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles)));
+      for (int i = 0; i < MT; ++i) {
+        lo_acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k), lo, lo_acc[i]);
+        hi_acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k + 16), hi, hi_acc[i]);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(HalfToFloat(scales[g0 / group]));
+    for (int i = 0; i < MT; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[i], hi_acc[i]), scale, acc[i]);
+  }
+  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+#else
+  for (int i = 0; i < MT; ++i) out[i] = 0.0f;
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    const float scale = HalfToFloat(scales[g0 / group]);
+    for (int i = 0; i < MT; ++i) {
+      const float* xm = xs + i * K;
+      float part = 0.0f;
+      for (int64_t k = g0; k < g0 + group; k += 32)
+        for (int j = 0; j < 16; ++j)
+          part += xm[k + j] * (row[k / 2 + j] & 0x0F) + xm[k + 16 + j] * (row[k / 2 + j] >> 4);
+      out[i] += part * scale;
+    }
+  }
+#endif
+}
+
+// int4: w[n, k] = code * scale[n, g] + offset[n, g], scales and offsets float16. The offsets
+// term is offset[n, g] * sum_{k in g} x[m, k], so per-group sums of x are taken once per call.
+// Within each 32-input block x is reordered to [16 even inputs, 16 odd inputs] so the low and
+// high nibbles of the block's 16 bytes multiply contiguous x.
 ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
-                      ffi::Buffer<ffi::F32> scales, ffi::Buffer<ffi::F32> offsets,
+                      ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> offsets,
                       ffi::ResultBuffer<ffi::F32> y) {
   const int64_t M = x.dimensions()[0], K = codes.dimensions()[1] * 2, N = codes.dimensions()[0];
   if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
@@ -402,45 +466,27 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xs = shuffled.data();
   const float* sums = group_sums.data();
   const uint8_t* wp = codes.typed_data();
-  const float* sp = scales.typed_data();
-  const float* op = offsets.typed_data();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.untyped_data());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.untyped_data());
   float* yp = y->typed_data();
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
+    float out[kRowTile];
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = wp + n * (K / 2);
-      for (int64_t m = 0; m < M; ++m) {
+      for (int64_t m = 0; m < M; m += kRowTile) {
+        const int64_t mt = std::min<int64_t>(kRowTile, M - m);
         const float* xm = xs + m * K;
-        float total = 0.0f;
-        for (int64_t g = 0; g < G; ++g) total += op[n * G + g] * sums[m * G + g];
-#ifdef JINFER_AVX512
-        __m512 acc = _mm512_setzero_ps();
-        const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 lo_acc = _mm512_setzero_ps(), hi_acc = _mm512_setzero_ps();
-          for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            PrefetchAhead(row + k / 2);
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-            const __m128i lo = _mm_and_si128(b, low_nibbles);
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
-            lo_acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k),
-                                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), lo_acc);
-            hi_acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k + 16),
-                                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), hi_acc);
-          }
-          acc = _mm512_fmadd_ps(_mm512_add_ps(lo_acc, hi_acc), _mm512_set1_ps(sp[n * G + g]), acc);
+        switch (mt) {
+          case 4: Int4DotRows<4>(xm, K, row, group, sp + n * G, out); break;
+          case 3: Int4DotRows<3>(xm, K, row, group, sp + n * G, out); break;
+          case 2: Int4DotRows<2>(xm, K, row, group, sp + n * G, out); break;
+          default: Int4DotRows<1>(xm, K, row, group, sp + n * G, out); break;
         }
-        total += _mm512_reduce_add_ps(acc);
-#else
-        for (int64_t g = 0; g < G; ++g) {
-          float part = 0.0f;
-          for (int64_t k = g * group; k < (g + 1) * group; k += 32)
-            for (int j = 0; j < 16; ++j) {
-              part += xm[k + j] * (row[k / 2 + j] & 0x0F) + xm[k + 16 + j] * (row[k / 2 + j] >> 4);
-            }
-          total += part * sp[n * G + g];
+        for (int64_t i = 0; i < mt; ++i) {
+          float total = out[i];
+          for (int64_t g = 0; g < G; ++g) total += HalfToFloat(op[n * G + g]) * sums[(m + i) * G + g];
+          yp[(m + i) * N + n] = total;
         }
-#endif
-        yp[m * N + n] = total;
       }
     }
   });
@@ -655,8 +701,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeAttentionF32, F32Attention,

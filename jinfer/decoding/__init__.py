@@ -1,0 +1,1 @@
+"""Decoding: sampling, the jitted decode loop, generate, beam search and speculative decoding."""

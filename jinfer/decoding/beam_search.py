@@ -104,6 +104,7 @@ class BeamSettings:
 
   @classmethod
   def create(cls, params: BeamSearchParams, stop_ids: Sequence[int], size: int) -> "BeamSettings":
+    """Settings of `params`, with `stop_ids` padded to `size` entries by -2."""
     stop_ids_M = np.full((size,), -2, np.int32)
     stop_ids_M[:len(stop_ids)] = stop_ids
     return cls(np.int32(params.max_tokens), np.float32(params.length_penalty),

@@ -29,6 +29,8 @@ from jinfer.validation import Prompt
 
 
 def run_prefill(model, b: PreparedBatch, stats: GenerationStats) -> loop.DecodeState:
+  """Prefills batch `b` (contiguous or paged cache) and returns the decode state; adds its
+  time and prompt tokens to `stats`."""
   args = (model.params, b.tokens_PxT, b.prompt_lens_P, b.row_prompt_B, b.sampling, b.done_B)
   static = dict(config=model.config, cache_dtype=jnp.dtype(model.cache_dtype),
                 capacity=b.capacity, num_top_logprobs=b.num_top_logprobs)

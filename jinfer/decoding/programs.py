@@ -113,6 +113,7 @@ class CompileCache:
 
   @property
   def num_compiled(self) -> int:
+    """How many programs were compiled."""
     return len(self._programs)
 
   def get(self, jitted, args, static: dict, stats: GenerationStats, mesh=None):

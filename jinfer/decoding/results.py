@@ -40,6 +40,8 @@ class StreamDelta:
 
 @dataclasses.dataclass
 class GenerationStats:
+  """Compile, prefill and decode seconds and token counts of generate calls."""
+
   compile_s: float = 0.0
   prefill_s: float = 0.0
   decode_s: float = 0.0
@@ -53,10 +55,12 @@ class GenerationStats:
 
   @property
   def decode_tokens_per_s(self) -> float:
+    """Generated tokens per decode second (nan before any decode time)."""
     return self.generated_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
   @property
   def acceptance_rate(self) -> float:
+    """Fraction of speculative drafts accepted (nan without drafts)."""
     return self.accepted_tokens / self.draft_tokens if self.draft_tokens else float("nan")
 
   @property

@@ -22,6 +22,7 @@ class SequenceText:
     self._emitted = 0
 
   def push(self, token_ids: Sequence[int]) -> None:
+    """Appends the text of `token_ids`; tokens after a stop string are ignored."""
     for token in token_ids:
       if self.stop is not None:
         return

@@ -27,11 +27,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from jinfer.benchmark import PROMPT_TEXT, PeerContext, PeerUnavailable, load_transformers_model
+from jinfer.benchmark import (PROMPT_TEXT, PeerContext, PeerUnavailable, advance,
+                              load_transformers_model)
 
 
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
+  """The serving workload (request count, prompt and output length ranges, arrival rate) and
+  the engine and static-batch settings it is served with."""
+
   num_requests: int = 64
   min_prompt: int = 32
   max_prompt: int = 512
@@ -83,8 +87,10 @@ def _percentiles(name: str, values: Sequence[float]) -> dict[str, float]:
 
 
 def bench_engine(model, requests: Sequence[Request], cfg: ServingConfig,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-  """The engine on the workload, after warm-up: throughput, TTFT and TPOT percentiles."""
+                 log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+  """The engine on the workload, after warm-up: throughput, TTFT and TPOT percentiles, and the
+  per-request TTFTs and TPOTs in seconds (`request_ttft_s`, `request_tpot_s`) for CDFs.
+  `progress` moves on by one per completed request."""
   from jinfer.engine import Engine  # pylint: disable=g-import-not-at-top
   max_len = max(len(p) + n for p, n in requests)
   engine = Engine(model, max_num_seqs=cfg.max_num_seqs, max_model_len=max_len,
@@ -111,6 +117,8 @@ def bench_engine(model, requests: Sequence[Request], cfg: ServingConfig,
       if out.token_ids:
         first.setdefault(out.request_id, t)
         last[out.request_id] = t
+      if out.finish_reason is not None:
+        advance(progress)
   seconds = time.perf_counter() - start
   tokens = sum(n for _, n in requests)
   ttft = [first[r] - submitted[r] for r in submitted]
@@ -121,7 +129,8 @@ def bench_engine(model, requests: Sequence[Request], cfg: ServingConfig,
           "tok_s": tokens / seconds, "warmup_s": warmup_s,
           "num_preemptions": metrics["num_preemptions"],
           "num_compilations_after_warmup": metrics["num_compilations"] - compiled,
-          **_percentiles("ttft", ttft), **_percentiles("tpot", tpot)}
+          **_percentiles("ttft", ttft), **_percentiles("tpot", tpot),
+          "request_ttft_s": ttft, "request_tpot_s": tpot}
 
 
 def _static_batches(requests: Sequence[Request], batch: int) -> list[list[Request]]:
@@ -129,7 +138,7 @@ def _static_batches(requests: Sequence[Request], batch: int) -> list[list[Reques
 
 
 def bench_static_generate(model, requests: Sequence[Request], batch: int,
-                          log: Callable[[str], None] = print) -> dict[str, Any]:
+                          log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
   """`jinfer.generate` over batches of `batch` requests in order; compile time excluded."""
   from jinfer.decoding.generate import generate_with_stats  # pylint: disable=g-import-not-at-top
   log(f"jinfer.generate: static batches of {batch} ...")
@@ -138,13 +147,15 @@ def bench_static_generate(model, requests: Sequence[Request], batch: int,
     start = time.perf_counter()
     _, stats = generate_with_stats(model, [p for p, _ in group], [_greedy(n) for _, n in group])
     seconds += time.perf_counter() - start - stats.compile_s
+    advance(progress, len(group))
   tokens = sum(n for _, n in requests)
   return {"system": f"jinfer.generate, static batches of {batch}", "seconds": seconds,
           "tokens": tokens, "tok_s": tokens / seconds}
 
 
 def bench_transformers_static(ctx: PeerContext, requests: Sequence[Request], batch: int,
-                              log: Callable[[str], None] = print) -> dict[str, Any]:
+                              log: Callable[[str], None] = print,
+                              progress=None) -> dict[str, Any]:
   """transformers `generate` over the same batches, left-padded, each batch to its longest
   output (static batching), after one warm-up batch."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -164,7 +175,10 @@ def bench_transformers_static(ctx: PeerContext, requests: Sequence[Request], bat
     return time.perf_counter() - start
 
   run([(requests[0][0], 4)])  # warm-up
-  seconds = sum(run(group) for group in _static_batches(requests, batch))
+  seconds = 0.0
+  for group in _static_batches(requests, batch):
+    seconds += run(group)
+    advance(progress, len(group))
   tokens = sum(n for _, n in requests)
   return {"system": f"transformers static batches of {batch}", "seconds": seconds,
           "tokens": tokens, "tok_s": tokens / seconds}
@@ -202,24 +216,35 @@ def bench_step_parity(model, cfg: ServingConfig, prompt_len: int = 64, new_token
           "engine_ms_per_step": engine_ms, "ratio": engine_ms / generate_ms}
 
 
+def serving_points(cfg: ServingConfig, peers: Sequence[str]) -> int:
+  """Progress bar steps of `run_serving`: each system's completed requests."""
+  return cfg.num_requests * (2 + ("transformers" in peers))
+
+
 def run_serving(model, cfg: ServingConfig, peers: Sequence[str], ctx: Optional[PeerContext],
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+  """The serving comparison (module docstring); `progress` (a tqdm bar) moves on by one per
+  request a system completes, `serving_points` in all."""
   requests = workload(model.tokenizer, cfg)
-  rows = [bench_engine(model, requests, cfg, log),
-          bench_static_generate(model, requests, cfg.static_batch, log)]
+  rows = [bench_engine(model, requests, cfg, log, progress),
+          bench_static_generate(model, requests, cfg.static_batch, log, progress)]
   skipped = {}
   if "transformers" in peers:
+    done_before = progress.n if progress is not None else 0
     try:
       if ctx is None:
         raise PeerUnavailable("no checkpoint path to give it (the model was passed in memory).")
-      rows.append(bench_transformers_static(ctx, requests, cfg.static_batch, log))
+      rows.append(bench_transformers_static(ctx, requests, cfg.static_batch, log, progress))
     except PeerUnavailable as e:
       skipped["transformers"] = str(e)
+      if progress is not None:  # its requests still count, so the bar ends full
+        advance(progress, done_before + cfg.num_requests - progress.n)
   return {"config": dataclasses.asdict(cfg), "rows": rows, "skipped": skipped,
           "parity": bench_step_parity(model, cfg, log=log)}
 
 
 def format_serving(results: dict[str, Any]) -> str:
+  """Markdown report of `run_serving`'s results: throughput, latency percentiles, parity."""
   cfg, rows = results["config"], results["rows"]
   rate = cfg["request_rate"]
   lines = [f"serving: {cfg['num_requests']} requests, prompts {cfg['min_prompt']}-"

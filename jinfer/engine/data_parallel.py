@@ -64,11 +64,13 @@ class DataParallelEngine:
     return request_id
 
   def abort(self, request_id: str) -> None:
+    """Aborts `request_id` on the replica that holds it (an unknown id is ignored)."""
     replica = self._owner.get(request_id)
     if replica is not None:
       replica.abort(request_id)
 
   def has_unfinished(self) -> bool:
+    """Whether any replica still has requests to run."""
     return any(r.has_unfinished() for r in self.replicas)
 
   def step(self) -> list[RequestOutput]:

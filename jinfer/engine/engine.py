@@ -259,6 +259,7 @@ class Engine:
           event_loop.call_soon_threadsafe(queue.put_nowait, out)
 
   def has_unfinished(self) -> bool:
+    """Whether requests remain to run or aborted ones to report."""
     return self._scheduler.has_unfinished() or bool(self._aborted)
 
   def step(self) -> list[RequestOutput]:
@@ -293,6 +294,7 @@ class Engine:
               if s.seq.slot is not None}
 
   def metrics(self) -> dict:
+    """Running/waiting requests, pages, prefix-cache hit rate, tokens, compilations, timings."""
     s = self._scheduler
     return {"num_running": s.num_running, "num_waiting": s.num_waiting,
             "num_preemptions": s.num_preemptions, "free_pages": s.num_free_pages,

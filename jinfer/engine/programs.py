@@ -41,6 +41,7 @@ class EngineState:
 
   @property
   def cache(self) -> PagedKVCache:
+    """The shared paged KV cache of every slot."""
     return self.decode.cache
 
 

@@ -31,6 +31,8 @@ from jinfer.errors import CacheFullError
 
 
 class Status(enum.Enum):
+  """Where a sequence is in its life: waiting, prefilling, running or finished."""
+
   WAITING = "waiting"  # no slot; nothing in the cache
   PREFILLING = "prefilling"  # has a slot; part of its prefill target is in the cache
   RUNNING = "running"  # decoding
@@ -65,6 +67,8 @@ class Sequence:
 
 @dataclasses.dataclass
 class PrefillChunk:
+  """`length` prompt tokens of `seq`, from position `start`, to prefill in one step."""
+
   seq: Sequence
   start: int  # first position of the chunk
   length: int
@@ -108,17 +112,21 @@ class Scheduler:
 
   @property
   def prefix_cache_hit_rate(self) -> float:
+    """Prompt tokens found in the prefix cache over tokens looked up (0 before any lookup)."""
     return self.cached_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
   @property
   def num_running(self) -> int:
+    """Live sequences that hold a slot (prefilling or decoding)."""
     return sum(s.status is not Status.WAITING for s in self._live)
 
   @property
   def num_waiting(self) -> int:
+    """Live sequences waiting for a slot."""
     return sum(s.status is Status.WAITING for s in self._live)
 
   def has_unfinished(self) -> bool:
+    """Whether any sequence is still live."""
     return bool(self._live)
 
   def add(self, seq: Sequence) -> None:

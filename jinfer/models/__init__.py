@@ -1,0 +1,1 @@
+"""The model family: config (LlamaConfig), llama (the decoder forward) and attention."""

@@ -70,6 +70,7 @@ class Rope:
 
   @classmethod
   def at(cls, positions_BxT: jax.Array, inv_freq: np.ndarray) -> "Rope":
+    """cos/sin [B, T, H/2] of positions_BxT times each inverse frequency."""
     angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq
     return cls(jnp.cos(angles), jnp.sin(angles))
 

@@ -10,7 +10,8 @@ Formats (`QuantizedWeight.bits`):
 - int4: asymmetric per group (default 32 inputs), w ~= q * scale + offset with q in [0, 15],
   two codes per byte (even input in the low nibble). The offset (the group's minimum) keeps
   groups whose values are not centred on zero at full resolution: it is the layout of
-  GGUF's Q4_1 and of AWQ/GPTQ's zero points.
+  GGUF's Q4_1 and of AWQ/GPTQ's zero points. Scales and offsets are float16, as Q4_1's: 5 bits
+  per weight at groups of 32 (float32 ones made it 6), and a Q4_1 tensor maps onto it exactly.
 
 Only the matrices that carry the FLOPs and bytes are quantized (per layer w_qkv, wo, w_gate_up,
 w_down); norms stay in the model dtype. The embedding table (which is also the LM head when
@@ -38,21 +39,24 @@ INT4_GROUP_SIZE = 32
 
 @flax.struct.dataclass
 class QuantizedWeight:
-  """An [O, I] weight as integer codes with float32 scales (and offsets for int4)."""
+  """An [O, I] weight as integer codes with scales (and offsets for int4): float32 for int8,
+  float16 for int4."""
 
   codes: jax.Array  # int8 [O, I] (int8) or uint8 [O, I // 2] (int4, two codes per byte)
-  scales: jax.Array  # float32 [O] (int8 per channel) or [O, I // group_size]
-  offsets: Optional[jax.Array] = None  # int4 only: float32 [O, I // group_size]
+  scales: jax.Array  # [O] (int8 per channel) or [O, I // group_size]
+  offsets: Optional[jax.Array] = None  # int4 only: [O, I // group_size]
   bits: int = flax.struct.field(pytree_node=False, default=8)
   # w8a8: quantize the activations per token too (int8 x int8 matmuls).
   int8_activations: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def mode(self) -> str:
+    """The quantize mode: 'int8', 'w8a8' or 'int4'."""
     return "w8a8" if self.int8_activations else f"int{self.bits}"
 
   @property
   def shape(self) -> tuple[int, int]:
+    """(out, in) of the float weight it stands for (int4 codes pack two per byte)."""
     out_features, stored = self.codes.shape
     return out_features, stored * (8 // self.bits)
 
@@ -63,6 +67,7 @@ class QuantizedWeight:
 
   @property
   def nbytes(self) -> int:
+    """Bytes of its codes, scales and offsets."""
     return param_bytes(self)
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -72,9 +77,9 @@ class QuantizedWeight:
       return (self.codes.astype(jnp.float32) * self.scales[:, None]).astype(dtype)
     codes_OxGxS = _unpack_int4(self.codes) if self.bits == 4 else self.codes
     codes_OxGxS = codes_OxGxS.astype(jnp.float32).reshape(out_features, -1, self.group_size)
-    w_OxGxS = codes_OxGxS * self.scales[..., None]
+    w_OxGxS = codes_OxGxS * self.scales[..., None].astype(jnp.float32)
     if self.offsets is not None:
-      w_OxGxS = w_OxGxS + self.offsets[..., None]
+      w_OxGxS = w_OxGxS + self.offsets[..., None].astype(jnp.float32)
     return w_OxGxS.reshape(out_features, in_features).astype(dtype)
 
 
@@ -93,22 +98,34 @@ def quantize_int8(w_OxI: jax.Array, group_size: Optional[int] = None) -> Quantiz
 
 
 def quantize_int4(w_OxI: jax.Array, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
-  """Asymmetric 4-bit codes per group of `group_size` inputs, packed two per byte."""
+  """Asymmetric 4-bit codes per group of `group_size` inputs, packed two per byte, with
+  float16 scales and offsets. The codes are rounded against the float16 values stored, so the
+  rounding of the scale costs no extra error beyond its own."""
   w = jnp.asarray(w_OxI, jnp.float32)
   out_features, in_features = w.shape
   if group_size % 2:
     raise InvalidRequestError(f"int4 group_size must be even (codes pack in pairs); got "
                               f"{group_size}.")
   w_OxGxS = _groups(w, group_size)
-  low_OxG, high_OxG = jnp.min(w_OxGxS, axis=2), jnp.max(w_OxGxS, axis=2)
-  scales_OxG = _safe_scale((high_OxG - low_OxG) / 15)
-  codes = jnp.clip(jnp.round((w_OxGxS - low_OxG[..., None]) / scales_OxG[..., None]), 0, 15)
-  codes_OxI = codes.astype(jnp.uint8).reshape(out_features, in_features)
-  packed = codes_OxI[:, 0::2] | (codes_OxI[:, 1::2] << 4)
-  return QuantizedWeight(packed, scales_OxG, low_OxG, bits=4)
+  low_OxG = jnp.min(w_OxGxS, axis=2).astype(jnp.float16)
+  high_OxG = jnp.max(w_OxGxS, axis=2)
+  scales_OxG = ((high_OxG - low_OxG.astype(jnp.float32)) / 15).astype(jnp.float16)
+  scales_OxG = jnp.where(scales_OxG > 0, scales_OxG, jnp.float16(1))  # all-equal groups
+  codes = jnp.round((w_OxGxS - low_OxG[..., None].astype(jnp.float32))
+                    / scales_OxG[..., None].astype(jnp.float32))
+  codes_OxI = jnp.clip(codes, 0, 15).astype(jnp.uint8).reshape(out_features, in_features)
+  return QuantizedWeight(pack_int4(codes_OxI), scales_OxG, low_OxG, bits=4)
+
+
+def pack_int4(codes_OxI: jax.Array) -> jax.Array:
+  """Codes in [0, 15] [O, I] -> uint8 [O, I // 2], input 2j in the low nibble, 2j + 1 high."""
+  codes_OxI = codes_OxI.astype(jnp.uint8)
+  return codes_OxI[:, 0::2] | (codes_OxI[:, 1::2] << 4)
 
 
 def quantize(w_OxI: jax.Array, mode: str, group_size: Optional[int] = None) -> QuantizedWeight:
+  """w_OxI quantized in `mode` ('int8', 'w8a8' or 'int4'); group_size None: per channel for
+  int8, INT4_GROUP_SIZE for int4."""
   if mode == "int8":
     return quantize_int8(w_OxI, group_size)
   if mode == "w8a8":
@@ -152,6 +169,7 @@ def dequantize_params(params: Params, dtype=jnp.float32) -> Params:
 
 
 def is_quantized(params: Params) -> bool:
+  """Whether any weight of `params` is a QuantizedWeight."""
   return any(isinstance(x, QuantizedWeight) for x in _weights(params))
 
 
@@ -184,6 +202,8 @@ def restore(params: Params, description: Optional[dict[str, Any]]) -> Params:
   mode = description["mode"]
 
   def rebuild(d):
+    # (int4 checkpoints written before scales became float16 keep float32 ones: every path
+    # casts them where it reads them.)
     return QuantizedWeight(d["codes"], d["scales"], d.get("offsets"),
                            bits=4 if mode == "int4" else 8, int8_activations=mode == "w8a8")
 
@@ -237,8 +257,8 @@ def _int4_linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
   does per weight (measured 2x at SmolLM2's decode shapes).
   """
   dtype = x_BxTxI.dtype
-  scales_OxJ = jnp.repeat(w.scales, w.group_size // 2, axis=1)
-  offsets_OxJ = jnp.repeat(w.offsets, w.group_size // 2, axis=1)
+  scales_OxJ = jnp.repeat(w.scales.astype(jnp.float32), w.group_size // 2, axis=1)
+  offsets_OxJ = jnp.repeat(w.offsets.astype(jnp.float32), w.group_size // 2, axis=1)
   y = 0
   for parity, plane_OxJ in enumerate((w.codes & 0xF, w.codes >> 4)):
     w_OxJ = (plane_OxJ.astype(jnp.float32) * scales_OxJ + offsets_OxJ).astype(dtype)

@@ -44,6 +44,7 @@ class Row:
 
   @property
   def int8_over_bf16(self) -> float:
+    """Time of the int8 kernel over the bfloat16 matmul's."""
     return self.us["int8"] / self.us["bf16"]
 
 
@@ -133,6 +134,7 @@ def parse_shapes(names: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def main(argv: Sequence[str]) -> None:
+  """Times the kernels at the flags' M sizes and shapes and prints the table."""
   del argv
   from absl import flags
   f = flags.FLAGS

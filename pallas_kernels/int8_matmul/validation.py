@@ -34,6 +34,7 @@ class Dims(NamedTuple):
 
   @property
   def group_size(self) -> int:
+    """Inputs per scale group (K when scales are per channel)."""
     return self.k if self.groups is None else self.k // self.groups
 
   @property
@@ -43,6 +44,7 @@ class Dims(NamedTuple):
 
 
 def is_pow2(x: int) -> bool:
+  """Whether x is a power of two (1 included)."""
   return x >= 1 and (x & (x - 1)) == 0
 
 
@@ -127,6 +129,7 @@ def tpu_rows(dtype) -> int:
 
 
 def tpu_lane_ok(full: int) -> Callable[[int], bool]:
+  """A check that a block size is a multiple of 128 lanes or the whole dimension `full`."""
   return lambda d: d % 128 == 0 or d == full
 
 

@@ -223,6 +223,7 @@ def _number(x: float | None, spec: str) -> str:
 
 
 def format_decode_table(rows: Sequence[dict[str, Any]]) -> str:
+  """The decode rows as a Markdown table."""
   return _table(
       ["impl", "batch", "context", "time (us)", "K/V MB read", "GB/s", "of peak", "max err vs xla"],
       [[r["impl"], str(r["batch"]), str(r["context_len"]), _number(r["time_us"], ".1f"),
@@ -322,6 +323,7 @@ def bench_prefill_attention(s: Settings,
 
 
 def format_prefill_table(rows: Sequence[dict[str, Any]]) -> str:
+  """The prefill (chunk over paged context) rows as a Markdown table."""
   return _table(
       ["batch", "context", "chunk", "paged (us)", "contiguous (us)", "paged / contiguous",
        "max diff", "ragged kernel (us)", "kernel / contiguous", "kernel max diff"],
@@ -379,6 +381,7 @@ def bench_model_prefill(name: str, params, config: config_lib.LlamaConfig, s: Se
 
 
 def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
+  """The whole-model prefill rows as a Markdown table."""
   return _table(
       ["model", "prompt", "chunk", "paged (ms)", "contiguous (ms)", "paged / contiguous"],
       [[r["model"], str(r["prompt_len"]), str(r["chunk"]), f"{r['paged_ms']:.2f}",
@@ -483,6 +486,7 @@ def _define_flags() -> None:
 
 
 def settings_from_flags() -> Settings:
+  """The Settings the flags ask for (reduced by --quick)."""
   f = flags.FLAGS
   tuning = {"pages_per_block": f.pages_per_block, "num_splits": f.num_splits}
   s = Settings(
@@ -496,6 +500,7 @@ def settings_from_flags() -> Settings:
 
 
 def main(argv):
+  """Runs the decode benchmark, or the prefill one under --prefill."""
   del argv
   s = settings_from_flags()
   if flags.FLAGS.prefill:

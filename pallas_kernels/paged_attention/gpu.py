@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 
 
 def next_pow2(x: int) -> int:
+  """The smallest power of two >= x (1 for x <= 1)."""
   return 1 << max(x - 1, 0).bit_length()
 
 
