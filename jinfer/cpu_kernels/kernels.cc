@@ -395,48 +395,96 @@ inline float HalfToFloat(uint16_t h) {
 #endif
 }
 
+constexpr int64_t kMaxGroups = 2048;  // int4 groups per weight row (K <= 65536 at groups of 32)
+
+// A row's G float16 scales or offsets as float32 (vector conversion, off the FMA chains).
+inline void HalvesToFloats(const uint16_t* h, int64_t G, float* out) {
+  int64_t g = 0;
+#ifdef JINFER_AVX512
+  for (; g + 16 <= G; g += 16)
+    _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(h + g))));
+#endif
+  for (; g < G; ++g) out[g] = HalfToFloat(h[g]);
+}
+
+#ifdef JINFER_AVX512
+// The 32 codes of the 16 bytes at p as floats: inputs 2j (low nibbles), inputs 2j + 1 (high).
+inline void DecodeInt4Block(const uint8_t* p, __m512* lo, __m512* hi) {
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low_nibbles)));
+  *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles)));
+}
+#endif
+
 // sum_k x[i, k] * code[k] * scale(group of k) for MT rows of shuffled x (stride K) against one
 // packed int4 weight row: each 32-code block is decoded to floats once and multiplied into all
 // MT rows, so a batch costs one decode per weight, as the float path's loads do.
 template <int MT>
 inline void Int4DotRows(const float* xs, int64_t K, const uint8_t* row, int64_t group,
-                        const uint16_t* scales, float* out) {
+                        const float* scales, float* out) {
 #ifdef JINFER_AVX512
-  __m512 acc[MT];
-  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  // The group's scale is folded into the decoded block (2 multiplies) rather than applied to
+  // per-group partial sums of every x row (MT adds and FMAs per block).
+  __m512 even[MT], odd[MT];
+  for (int i = 0; i < MT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < K; g0 += group) {
-    __m512 lo_acc[MT], hi_acc[MT];
-    for (int i = 0; i < MT; ++i) lo_acc[i] = hi_acc[i] = _mm512_setzero_ps();
+    const __m512 scale = _mm512_set1_ps(scales[g0 / group]);
     for (int64_t k = g0; k < g0 + group; k += 32) {
       PrefetchAhead(row + k / 2);
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low_nibbles)));
-      const __m512 hi = _mm512_cvtepi32_ps(
-          _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles)));
+      __m512 lo, hi;
+      DecodeInt4Block(row + k / 2, &lo, &hi);
+      lo = _mm512_mul_ps(lo, scale);
+      hi = _mm512_mul_ps(hi, scale);
       for (int i = 0; i < MT; ++i) {
-        lo_acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k), lo, lo_acc[i]);
-        hi_acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k + 16), hi, hi_acc[i]);
+        even[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k), lo, even[i]);
+        odd[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k + 16), hi, odd[i]);
       }
     }
-    const __m512 scale = _mm512_set1_ps(HalfToFloat(scales[g0 / group]));
-    for (int i = 0; i < MT; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[i], hi_acc[i]), scale, acc[i]);
   }
-  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
 #else
   for (int i = 0; i < MT; ++i) out[i] = 0.0f;
   for (int64_t g0 = 0; g0 < K; g0 += group) {
-    const float scale = HalfToFloat(scales[g0 / group]);
     for (int i = 0; i < MT; ++i) {
       const float* xm = xs + i * K;
       float part = 0.0f;
       for (int64_t k = g0; k < g0 + group; k += 32)
         for (int j = 0; j < 16; ++j)
           part += xm[k + j] * (row[k / 2 + j] & 0x0F) + xm[k + 16 + j] * (row[k / 2 + j] >> 4);
-      out[i] += part * scale;
+      out[i] += part * scales[g0 / group];
     }
   }
+#endif
+}
+
+// One x row against four int4 weight rows (M = 1, the common decode step): four independent
+// accumulator chains (one row's chain alone waits on each group's FMA latency) and one x load
+// per four decoded blocks. scales: the four rows' G float scales, row after row.
+inline void Int4DotFourRows(const float* xs, int64_t K, const uint8_t* const* rows,
+                            int64_t group, const float* scales, int64_t G, float* out) {
+#ifdef JINFER_AVX512
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < K; g0 += group) {
+    __m512 part[4];
+    for (int r = 0; r < 4; ++r) part[r] = _mm512_setzero_ps();
+    for (int64_t k = g0; k < g0 + group; k += 32) {
+      const __m512 x_even = _mm512_loadu_ps(xs + k), x_odd = _mm512_loadu_ps(xs + k + 16);
+      for (int r = 0; r < 4; ++r) {
+        PrefetchAhead(rows[r] + k / 2);
+        __m512 lo, hi;
+        DecodeInt4Block(rows[r] + k / 2, &lo, &hi);
+        part[r] = _mm512_fmadd_ps(x_odd, hi, _mm512_fmadd_ps(x_even, lo, part[r]));
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(scales[r * G + g0 / group]), acc[r]);
+  }
+  for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+#else
+  for (int r = 0; r < 4; ++r) Int4DotRows<1>(xs, K, rows[r], group, scales + r * G, out + r);
 #endif
 }
 
@@ -453,6 +501,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return e;
   const int64_t G = scales.dimensions()[1], group = K / G;
   if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int4 matmul: group % 32 != 0");
+  if (G > kMaxGroups) return ffi::Error::InvalidArgument("jinfer int4 matmul: too many groups");
   const float* xp = x.typed_data();
   // Plain locals: ParallelFor returns only after every claimed chunk is done.
   std::vector<float> shuffled(M * K), group_sums(M * G, 0.0f);
@@ -471,22 +520,40 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   float* yp = y->typed_data();
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
     float out[kRowTile];
-    for (int64_t n = n0; n < n1; ++n) {
+    float row_scales[4 * kMaxGroups], row_offsets[kMaxGroups];
+    // The offsets term for x row m, sum_g offset[n, g] * sums[m, g], of the row n whose
+    // offsets are in row_offsets.
+    const auto offset_term = [&](int64_t m) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < G; ++g) total += row_offsets[g] * sums[m * G + g];
+      return total;
+    };
+    if (M == 1) {
+      for (; n0 + 4 <= n1; n0 += 4) {
+        const uint8_t* rows[4];
+        for (int r = 0; r < 4; ++r) rows[r] = wp + (n0 + r) * (K / 2);
+        HalvesToFloats(sp + n0 * G, 4 * G, row_scales);
+        Int4DotFourRows(xs, K, rows, group, row_scales, G, out);
+        for (int r = 0; r < 4; ++r) {
+          HalvesToFloats(op + (n0 + r) * G, G, row_offsets);
+          yp[n0 + r] = out[r] + offset_term(0);
+        }
+      }
+    }
+    for (int64_t n = n0; n < n1; ++n) {  // M > 1, or the last rows of a chunk
       const uint8_t* row = wp + n * (K / 2);
+      HalvesToFloats(sp + n * G, G, row_scales);
+      HalvesToFloats(op + n * G, G, row_offsets);
       for (int64_t m = 0; m < M; m += kRowTile) {
         const int64_t mt = std::min<int64_t>(kRowTile, M - m);
         const float* xm = xs + m * K;
         switch (mt) {
-          case 4: Int4DotRows<4>(xm, K, row, group, sp + n * G, out); break;
-          case 3: Int4DotRows<3>(xm, K, row, group, sp + n * G, out); break;
-          case 2: Int4DotRows<2>(xm, K, row, group, sp + n * G, out); break;
-          default: Int4DotRows<1>(xm, K, row, group, sp + n * G, out); break;
+          case 4: Int4DotRows<4>(xm, K, row, group, row_scales, out); break;
+          case 3: Int4DotRows<3>(xm, K, row, group, row_scales, out); break;
+          case 2: Int4DotRows<2>(xm, K, row, group, row_scales, out); break;
+          default: Int4DotRows<1>(xm, K, row, group, row_scales, out); break;
         }
-        for (int64_t i = 0; i < mt; ++i) {
-          float total = out[i];
-          for (int64_t g = 0; g < G; ++g) total += HalfToFloat(op[n * G + g]) * sums[(m + i) * G + g];
-          yp[(m + i) * N + n] = total;
-        }
+        for (int64_t i = 0; i < mt; ++i) yp[(m + i) * N + n] = out[i] + offset_term(m + i);
       }
     }
   });
