@@ -83,12 +83,26 @@ def write(folder: pathlib.Path, config: ml_collections.ConfigDict, results: Resu
           figures: Figures) -> list[pathlib.Path]:
   """config.json, results.json and one PNG per figure; returns the paths written."""
   paths = [folder / "config.json", folder / "results.json"]
-  paths[0].write_text(config.to_json(indent=2, sort_keys=True))
-  paths[1].write_text(json.dumps(results, indent=2, default=_plain) + "\n")
+  strict = lambda obj: json.dumps(_finite(obj), indent=2, sort_keys=True, default=_plain,
+                                  allow_nan=False) + "\n"
+  paths[0].write_text(strict(config.to_dict()))
+  paths[1].write_text(strict(results))
   for stem, fig in figures.items():
     paths.append(folder / f"{stem}.png")
     fig.savefig(paths[-1], dpi=120)
   return paths
+
+
+def _finite(value: Any) -> Any:
+  """`value` with infinities and NaNs as the strings "inf", "-inf", "nan": strict JSON (an
+  arrival rate of inf means every request at once)."""
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    return str(float(value))
+  return value
 
 
 def _plain(value: Any) -> Any:

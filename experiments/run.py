@@ -27,6 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
+  """Checks the config, loads its model, runs its sweep and writes the run folder."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -41,8 +42,8 @@ def main(argv) -> None:
   from experiments import common, sweeps  # pylint: disable=g-import-not-at-top
   sweep = sweeps.module(config.experiment)
   total = sweep.num_points(config)  # checks the config first
-  folder = common.run_folder(_WORKDIR.value, config.name)
   model = common.load(config)
+  folder = common.run_folder(_WORKDIR.value, config.name)  # only once there is something to run
   with tqdm.tqdm(total=total, desc=config.name, file=sys.stderr,
                  disable=not _PROGRESS.value or not sys.stderr.isatty()) as bar:
     results, figures = sweep.run(config, model, progress=bar.update)

@@ -134,7 +134,7 @@ def resolve_dtype(dtype) -> Any:
 
 def cast_params(params, dtype) -> dict[str, Any]:
   """Moves params to the default device in `dtype` (float weights only: quantized weights keep
-  their codes and float32 scales)."""
+  their codes, scales and offsets as they are)."""
   def cast(x):
     if isinstance(x, quant_weights.QuantizedWeight):
       return jax.tree.map(jnp.asarray, x)
@@ -143,11 +143,23 @@ def cast_params(params, dtype) -> dict[str, Any]:
   return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, quant_weights.QuantizedWeight))
 
 
-def resolve_attention_impl(attention_impl: str) -> str:
-  """"xla" or "pallas"; "auto" is "pallas" on TPU/GPU and "xla" on CPU (no interpreted kernels)."""
-  if attention_impl == "auto":
-    return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
-  return validation.one_of("attention_impl", attention_impl, ("auto", *ATTENTION_IMPLS))
+def resolve_attention_impl(attention_impl: str, config: Optional[LlamaConfig] = None,
+                           page_size: int = 16, kv_cache_dtype: str = "auto") -> str:
+  """"xla" or "pallas"; "auto" is "pallas" on TPU/GPU when the compiled kernels take the model's
+  head dim and `page_size` (TPU: head dim a multiple of 128, pages a multiple of 16, or 32 for
+  int8 KV; GPU: both powers of two, head dim >= 16), else "xla" (CPU: no interpreted kernels)."""
+  validation.one_of("attention_impl", attention_impl, ("auto", *ATTENTION_IMPLS))
+  if attention_impl != "auto":
+    return attention_impl
+  platform = jax.default_backend()
+  if platform not in ("tpu", "gpu") or config is None:
+    return "xla"
+  h = config.head_dim
+  if platform == "tpu":
+    fits = h % 128 == 0 and page_size % (32 if kv_cache_dtype == "int8" else 16) == 0
+  else:
+    fits = h >= 16 and not h & (h - 1) and page_size >= 1 and not page_size & (page_size - 1)
+  return "pallas" if fits else "xla"
 
 
 def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
@@ -171,7 +183,7 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
   check_request(isinstance(name_or_path, (str, os.PathLike)),
                 f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}.")
   dtype = resolve_dtype(dtype)
-  attention_impl = resolve_attention_impl(attention_impl)
+  validation.one_of("attention_impl", attention_impl, ("auto", *ATTENTION_IMPLS))
   validation.one_of("quantize", quantize, (None, *quant_weights.MODES))
   validation.one_of("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES)
   validation.integer("page_size", page_size, low=1)
@@ -186,7 +198,9 @@ def load_model(name_or_path: str = "smollm2-135m-instruct", *, dtype="float32",
     raise InvalidRequestError(
         f"'{name_or_path}' holds {stored['mode']} weights; it cannot be re-quantized to "
         f"{quantize!r}. Load the float checkpoint, or pass quantize=None.")
-  settings = dict(tokenizer=tokenizer, attention_impl=attention_impl,
+  settings = dict(tokenizer=tokenizer,
+                  attention_impl=resolve_attention_impl(attention_impl, config, page_size,
+                                                        kv_cache_dtype),
                   kv_cache_dtype=kv_cache_dtype, page_size=page_size)
   if mesh is None:
     model = Model(config=config, params=cast_params(params, dtype), **settings)

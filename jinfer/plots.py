@@ -93,7 +93,9 @@ def _cdf(values_s: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
   """(sorted values in ms, fraction of requests at or below each), starting from fraction 0 at
   the smallest value so the step curve rises from the axis."""
   values_ms = np.sort(np.asarray(values_s, dtype=np.float64)) * 1e3
-  fraction = np.arange(values_ms.size + 1) / max(values_ms.size, 1)
+  if not values_ms.size:  # no request of this kind (e.g. no TPOT: every output one token)
+    return values_ms, values_ms
+  fraction = np.arange(values_ms.size + 1) / values_ms.size
   return np.concatenate([values_ms[:1], values_ms]), fraction
 
 

@@ -187,7 +187,8 @@ def _pad_axis(x: np.ndarray, axis: int, count: int, new_count: int) -> np.ndarra
     raise InvalidRequestError(
         f"cannot pad an axis of {size} entries holding {count} units to {new_count} units "
         f"(quantization groups would straddle units); choose a model axis that divides the "
-        f"model's heads and MLP width, or quantize after sharding.")
+        f"model's heads and MLP width, or load the float weights, shard, then quantize "
+        f"(Model.quantize).")
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, int(new_size) - size)
   return np.pad(x, widths)

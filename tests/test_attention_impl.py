@@ -17,6 +17,7 @@ from jinfer.decoding import programs
 from jinfer.decoding import requests as requests_lib
 from jinfer.errors import InvalidRequestError
 from jinfer.model import resolve_attention_impl
+from jinfer.models import config as config_lib
 
 PROMPTS = [[1, 2, 3], list(range(10, 30)), [7]]  # ragged; the middle one spans two pages
 
@@ -77,6 +78,18 @@ def test_auto_resolves_to_xla_on_cpu():
   assert jax.default_backend() == "cpu"
   assert resolve_attention_impl("auto") == "xla"
   assert resolve_attention_impl("pallas") == "pallas"
+
+
+@pytest.mark.parametrize("platform,head_dim,page_size,kv,want", [
+    ("tpu", 128, 16, "auto", "pallas"), ("tpu", 64, 16, "auto", "xla"),  # SmolLM2's 64 lanes
+    ("tpu", 128, 16, "int8", "xla"), ("tpu", 128, 32, "int8", "pallas"),
+    ("gpu", 64, 16, "auto", "pallas"), ("gpu", 96, 16, "auto", "xla"),
+    ("gpu", 64, 12, "auto", "xla"), ("cpu", 128, 16, "auto", "xla")])
+def test_auto_picks_the_kernels_only_where_they_compile(monkeypatch, platform, head_dim,
+                                                        page_size, kv, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  config = dataclasses.replace(config_lib.TINY_GQA, head_dim=head_dim)
+  assert resolve_attention_impl("auto", config, page_size, kv) == want
 
 
 @pytest.mark.slow

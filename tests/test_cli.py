@@ -121,6 +121,10 @@ def test_benchmark_refuses_bad_settings_before_loading():
   _assert_clean_error(_run("benchmark", "--model=no-such-model", "--plot_dir=/no/such/dir"),
                       "--plot_dir")
   _assert_clean_error(_run("benchmark", "--model=no-such-model", "--meshes=2by2"), "--meshes")
+  _assert_clean_error(_run("benchmark", "--model=no-such-model", "--check=/no/such.json"),
+                      "--record_baseline")
+  _assert_clean_error(_run("benchmark", "--model=no-such-model", "--serving",
+                           "--record_baseline=/tmp/b.json"), "decode benchmark")
   _assert_clean_error(_run("generate", "--model=no-such-model", "--mesh=data:x"), "--mesh")
 
 

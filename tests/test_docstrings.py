@@ -12,14 +12,16 @@ import inspect
 import pkgutil
 import re
 
+import experiments
 import jinfer
 import pallas_kernels
 
+PACKAGES = (jinfer, pallas_kernels, experiments)
 
 
 def _module_names() -> list[str]:
-  names = [pkg.__name__ for pkg in (jinfer, pallas_kernels)]
-  for pkg in (jinfer, pallas_kernels):
+  names = [pkg.__name__ for pkg in PACKAGES]
+  for pkg in PACKAGES:
     names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
   return names
 

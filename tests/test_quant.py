@@ -85,6 +85,14 @@ def test_bad_settings_are_rejected_with_the_fix():
     qw.quantize(w, "int3")
 
 
+def test_weights_beyond_float16_are_refused_for_int4(tiny_model):
+  params = dict(tiny_model.params, layers=[dict(layer) for layer in tiny_model.params["layers"]])
+  params["layers"][1]["wo"] = params["layers"][1]["wo"].at[0, 0].set(-1e5)  # minimum: offset
+  with pytest.raises(jinfer.InvalidRequestError, match=r"layers\[1\]\.wo.*int8 instead"):
+    qw.quantize_params(params, "int4")
+  assert qw.describe(qw.quantize_params(params, "int8"))["mode"] == "int8"  # float32 scales
+
+
 def test_quantize_params_and_model(tiny_model):
   q8 = tiny_model.quantize("int8")
   assert q8.quantization == {"mode": "int8", "group_size": None, "embeddings": False}

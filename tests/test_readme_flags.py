@@ -134,7 +134,7 @@ def _positive_ints(value):
 def _meshes(value):
   from jinfer.cli import benchmark
   for shape in value:
-    benchmark._mesh_shape(shape)  # pylint: disable=protected-access
+    benchmark.mesh_shape(shape)
 
 
 POST_PARSE_CHECKS = {

@@ -4,6 +4,7 @@ from experiments import common
 
 
 def get_config(arg: str | None = None):
+  """The full sweep; arg "smoke": a random tiny model and a few points (under a minute)."""
   smoke = arg == "smoke"
   config = common.base_config("batch_scaling", smoke)
   config.batch_sizes = (1, 2, 4) if smoke else (1, 2, 4, 8, 16, 32, 64)

@@ -4,6 +4,7 @@ from experiments import common
 
 
 def get_config(arg: str | None = None):
+  """The full sweep; arg "smoke": a random tiny model and a few points (under a minute)."""
   smoke = arg == "smoke"
   config = common.base_config("engine_load", smoke)
   config.request_rates = (4.0, float("inf")) if smoke else (0.5, 1.0, 2.0, 4.0, float("inf"))

@@ -5,6 +5,7 @@ from experiments import common
 
 
 def get_config(arg: str | None = None):
+  """The full sweep; arg "smoke": a random tiny model and a few points (under a minute)."""
   smoke = arg == "smoke"
   config = common.base_config("mesh", smoke)
   config.cpu_devices = 8  # XLA_FLAGS=--xla_force_host_platform_device_count; 0: real devices

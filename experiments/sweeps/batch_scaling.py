@@ -11,10 +11,12 @@ from jinfer.benchmark import (BenchConfig, bench_jinfer_point, measured_matmul_f
 
 
 def num_points(config) -> int:
+  """Checks the config's fields and counts the points the run measures."""
   return len(config.batch_sizes)
 
 
 def run(config, model, progress) -> tuple[common.Results, common.Figures]:
+  """Measures every point (calling progress(1) after each); returns (results, figures)."""
   prompt = common.prompt_ids(model, config.prompt_tokens)
   gbps, gflops = measured_read_gbps(), measured_matmul_flops() / 1e9
   bench = BenchConfig(prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens,

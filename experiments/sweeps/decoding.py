@@ -14,6 +14,7 @@ STRATEGIES = ("greedy", "sampling", "beam", "speculative-ngram", "speculative-se
 
 
 def num_points(config) -> int:
+  """Checks the config's fields and counts the points the run measures."""
   unknown = sorted(set(config.strategies) - set(STRATEGIES))
   if unknown:
     raise ValueError(f"config.strategies: unknown {unknown}; choose from {STRATEGIES}.")
@@ -41,6 +42,7 @@ def _strategy(name: str, model, config) -> Callable[[], list[tuple[str, int]]]:
 
 
 def run(config, model, progress) -> tuple[common.Results, common.Figures]:
+  """Measures every point (calling progress(1) after each); returns (results, figures)."""
   rows = []
   for name in config.strategies:
     outputs, seconds = common.seconds(_strategy(name, model, config), config.repeats)

@@ -11,10 +11,12 @@ from jinfer.engine.benchmark import ServingConfig, bench_engine, workload
 
 
 def num_points(config) -> int:
+  """Checks the config's fields and counts the points the run measures."""
   return len(config.request_rates)
 
 
 def run(config, model, progress) -> tuple[common.Results, common.Figures]:
+  """Measures every point (calling progress(1) after each); returns (results, figures)."""
   rows = []
   for rate in config.request_rates:
     serving = ServingConfig(num_requests=config.num_requests, min_prompt=config.min_prompt,

@@ -1,7 +1,8 @@
 """The mesh-shape sweep: greedy decode tok/s of the same model on each (data, model) mesh, at
 each batch size. Here the devices are fake CPU devices (`config.cpu_devices`, which splits this
 machine's cores, so it measures overheads, not speedups); on a TPU VM set cpu_devices=0 and the
-meshes run over the real chips."""
+meshes run over the real chips. Weights are float32 whatever config.dtype says (the benchmark's
+mesh rows are)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ def meshes(config) -> list[tuple[int, int]]:
 
 
 def num_points(config) -> int:
+  """Checks the config's fields and counts the points the run measures."""
   return len(meshes(config)) * len(config.batch_sizes)
 
 
 def run(config, model, progress) -> tuple[common.Results, common.Figures]:
+  """Measures every point (calling progress(1) after each); returns (results, figures)."""
   devices = len(jax.devices())
   shapes = meshes(config)
   too_big = [f"{d}x{m}" for d, m in shapes if d * m > devices]

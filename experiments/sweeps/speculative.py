@@ -13,6 +13,7 @@ WORKLOADS = ("continue", "copy")
 
 
 def num_points(config) -> int:
+  """Checks the config's fields and counts the points the run measures."""
   unknown = sorted(set(config.workloads) - set(WORKLOADS))
   if unknown:
     raise ValueError(f"config.workloads: unknown {unknown}; choose from {WORKLOADS}.")
@@ -32,6 +33,7 @@ def _prompt(model, workload: str, num_tokens: int) -> list[int]:
 
 
 def run(config, model, progress) -> tuple[common.Results, common.Figures]:
+  """Measures every point (calling progress(1) after each); returns (results, figures)."""
   params = SamplingParams(temperature=0.0, max_tokens=config.max_tokens, ignore_eos=True)
   rows = []
   for workload in config.workloads:

@@ -165,7 +165,8 @@ class PagedKVCache:
           f"page_tables must be [B, max_pages_per_seq] and lengths [B]; got "
           f"{page_tables.shape} and {lengths.shape}. Pad short tables with NO_PAGE "
           f"(page_allocator.page_table_array does).")
-    return self.replace(page_tables=page_tables, lengths=lengths)
+    # New rows: any packing the old rows had no longer describes them.
+    return self.replace(page_tables=page_tables, lengths=lengths, packed_query_starts=None)
 
   def write(self, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
             positions_BxT: jax.Array) -> "PagedKVCache":

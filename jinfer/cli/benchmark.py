@@ -12,6 +12,7 @@ go to stdout; the progress bar goes to stderr, and only when it is a terminal.
 import dataclasses
 import json
 import os
+import sys
 
 from absl import flags
 
@@ -23,6 +24,7 @@ FLAGS = flags.FLAGS
 def define_flags(flag_values=flags.FLAGS) -> None:
   """Defines this command's flags in `flag_values` (absl's global FLAGS when it runs)."""
   flags = cli.bound_flags(flag_values)  # shadows absl.flags here: DEFINE_* into flag_values
+  from jinfer import benchmark_check  # pylint: disable=g-import-not-at-top
   from jinfer.benchmark import DTYPES, KNOWN_PEERS, QUANT_FORMATS  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string(
       "model", "smollm2-135m-instruct",
@@ -45,6 +47,15 @@ def define_flags(flag_values=flags.FLAGS) -> None:
       "device's HBM peak on TPU/GPU and, on CPU, the read bandwidth measured at the start of "
       "the run.")
   flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+  flags.DEFINE_string(
+      "check", None, "Decode mode: compare this run's ratios (fractions of the bandwidth "
+      "ceiling, batch 8 / batch 1, int4 / int8, jinfer / peers) with the baseline JSON at this "
+      "path (e.g. experiments/baselines/cpu_decode.json); exit 1 if any is more than "
+      f"{benchmark_check.TOLERANCE:.0%} below, or if the run measured none of them.")
+  flags.DEFINE_string(
+      "record_baseline", None, "Decode mode: write this run's ratios as a baseline JSON to this "
+      "path; an existing baseline of the same command keeps each ratio's lowest value (record "
+      "3 runs).")
   flags.DEFINE_list(
       "speculative", [], "Also compare speculative decoding with these drafts (ngram, self).")
   flags.DEFINE_list("beam_widths", [], "Also time beam search at these widths (e.g. 1,2,4,8).")
@@ -91,7 +102,7 @@ def _integers(flag: str) -> tuple[int, ...]:
                               f"got {','.join(values)!r}.") from None
 
 
-def _mesh_shape(text: str) -> tuple[int, int]:
+def mesh_shape(text: str) -> tuple[int, int]:
   """'2x4' -> (2, 4): data x model."""
   from jinfer.errors import InvalidRequestError  # pylint: disable=g-import-not-at-top
   data, _, tp = text.partition("x")
@@ -107,7 +118,7 @@ def main(argv) -> None:
   del argv
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   import jinfer  # pylint: disable=g-import-not-at-top
-  from jinfer import benchmark, plots, sharding, validation  # pylint: disable=g-import-not-at-top
+  from jinfer import benchmark, distributed, plots, sharding, validation  # pylint: disable=g-import-not-at-top
   from jinfer.checkpoints import registry  # pylint: disable=g-import-not-at-top
   log = tqdm.write  # print, but clears and redraws a progress bar around the line
   cfg = benchmark.BenchConfig(
@@ -133,7 +144,18 @@ def main(argv) -> None:
     out_dir = os.path.dirname(os.path.abspath(FLAGS.json_out))
     validation.check_request(os.path.isdir(out_dir), f"--json_out: directory {out_dir!r} does "
                              "not exist; create it or write elsewhere.")
-  meshes = [_mesh_shape(text) for text in FLAGS.meshes]
+  from jinfer import benchmark_check  # pylint: disable=g-import-not-at-top
+  baseline = None if FLAGS.check is None else benchmark_check.load_baseline(FLAGS.check)
+  validation.check_request(
+      (FLAGS.check is None and FLAGS.record_baseline is None)
+      or not (FLAGS.serving or FLAGS.prefill_lengths),
+      "--check and --record_baseline apply to the decode benchmark, not to --serving or "
+      "--prefill_lengths.")
+  if FLAGS.record_baseline:
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.record_baseline))
+    validation.check_request(os.path.isdir(out_dir), f"--record_baseline: directory "
+                             f"{out_dir!r} does not exist; create it or write elsewhere.")
+  meshes = [mesh_shape(text) for text in FLAGS.meshes]
   prefill_lengths = _integers("prefill_lengths")
   validation.check_request(all(n >= 1 for n in prefill_lengths),
                            f"--prefill_lengths must be positive, got {list(prefill_lengths)}.")
@@ -192,6 +214,23 @@ def main(argv) -> None:
     with open(FLAGS.json_out, "w") as f:
       json.dump(results, f, indent=2)
     print(f"wrote {FLAGS.json_out}")
+  ratios = benchmark_check.run_ratios(results["rows"])
+  if FLAGS.record_baseline:
+    if distributed.is_main_process():  # one file, however many processes ran
+      runs = benchmark_check.record(
+          FLAGS.record_baseline, ratios, results["facts"],
+          "jinfer benchmark " + " ".join(a for a in sys.argv[2:]
+                                         if not a.startswith("--record_baseline")))
+      print(f"wrote {FLAGS.record_baseline} (lowest ratios of {runs} runs of this command)")
+  if baseline is not None:
+    checked = benchmark_check.compare(ratios, baseline)
+    print("\n" + benchmark_check.format_check(checked))
+    if benchmark_check.regressions(checked):
+      sys.exit(f"error: ratios regressed against {FLAGS.check}: "
+               f"{', '.join(benchmark_check.regressions(checked))}.")
+    if all(r["measured"] is None for r in checked):
+      sys.exit(f"error: this run measured none of {FLAGS.check}'s ratios; run the command it "
+               f"records.")
 
 
 def _serve(model, ctx, log) -> None:

@@ -28,6 +28,7 @@ from jinfer.cpu_kernels import build
 from pallas_kernels.int8_matmul.reference import quantize_per_token
 
 MAX_ROWS = 16  # beyond this many x rows, XLA's GEMM beats a weight-streaming kernel
+MAX_INT4_GROUPS = 2048  # the int4 kernel's per-row scale buffer (kMaxGroups in kernels.cc)
 ALIGN = 32  # K and every scale group must divide by this (the kernels' unrolled step)
 
 
@@ -64,6 +65,8 @@ def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Arra
   """x @ (codes * scales + offsets).T for two 4-bit codes per byte (even input low); the
   kernel reads float16 scales and offsets."""
   group = packed_NxK2.shape[1] * 2 // scales_NxG.shape[1]
+  if scales_NxG.shape[1] > MAX_INT4_GROUPS:
+    return fallback()
   return _call("jinfer_matmul_int4", x_BxTxK,
                (packed_NxK2, scales_NxG.astype(jnp.float16), offsets_NxG.astype(jnp.float16)),
                packed_NxK2.shape[0], group, fallback, out_dtype)

@@ -402,6 +402,7 @@ class Engine:
     slots_T = np.full((size,), self.max_num_seqs, np.int32)  # padding: past the last slot
     positions_T = np.zeros((size,), np.int32)
     chunk_starts_S1 = np.zeros((self.max_num_seqs + 1,), np.int32)  # unused chunks: empty
+    assert len(chunks) <= self.max_num_seqs, "a step prefills at most one chunk per slot"
     offset = 0
     for i, chunk in enumerate(chunks):
       seq, packed = chunk.seq, slice(offset, offset + chunk.length)

@@ -76,7 +76,7 @@ def prefill(params, state: EngineState, tokens_T: jax.Array, slots_T: jax.Array,
   # A chunk's slot holds positions up to the chunk's end (a reused slot forgets its old length).
   lengths = cache.lengths.at[slots_T].set(0, mode="drop").at[slots_T].max(positions_T + 1,
                                                                          mode="drop")
-  cache = view.with_page_tables(cache.page_tables, lengths).replace(packed_query_starts=None)
+  cache = view.with_page_tables(cache.page_tables, lengths)
   ends_S = jnp.maximum(chunk_starts_S1[1:] - 1, 0)
   return h_Tx1xD[ends_S, 0], sharding.host_readable(_with_cache(state, cache))
 

@@ -149,10 +149,11 @@ def quantize_params(params: Params, mode: str, *, group_size: Optional[int] = No
     raise InvalidRequestError("these params are already quantized; quantize float params.")
   quantize_one = jax.jit(quantize, static_argnames=("mode", "group_size"))
   layers = []
-  for layer in params["layers"]:
+  for index, layer in enumerate(params["layers"]):
     layer = dict(layer)
     for name in PROJECTIONS:
       layer[name] = quantize_one(layer[name], mode, group_size)
+      _check_finite(layer[name], f"layers[{index}].{name}")
     layers.append(layer)
   params = dict(params, layers=layers)
   if embeddings:
@@ -160,6 +161,16 @@ def quantize_params(params: Params, mode: str, *, group_size: Optional[int] = No
       if name in params:
         params[name] = jax.jit(quantize_int8)(params[name])
   return params
+
+
+def _check_finite(w: QuantizedWeight, name: str) -> None:
+  """int4's float16 offsets and scales overflow when a group's minimum is below -65504 or its
+  range above 15 x 65504: refuse rather than run NaN."""
+  stored = [w.scales] + ([] if w.offsets is None else [w.offsets])
+  if not all(bool(jnp.isfinite(x).all()) for x in stored):
+    raise InvalidRequestError(
+        f"{name}: its {w.mode} scales or offsets are not finite (weights beyond float16's "
+        f"range, or non-finite weights); quantize it to int8 instead.")
 
 
 def dequantize_params(params: Params, dtype=jnp.float32) -> Params:
@@ -202,8 +213,8 @@ def restore(params: Params, description: Optional[dict[str, Any]]) -> Params:
   mode = description["mode"]
 
   def rebuild(d):
-    # (int4 checkpoints written before scales became float16 keep float32 ones: every path
-    # casts them where it reads them.)
+    # (int4 checkpoints written before scales became float16 keep float32 ones: the CPU
+    # kernel rounds them to float16 at each call, the XLA path reads them as they are.)
     return QuantizedWeight(d["codes"], d["scales"], d.get("offsets"),
                            bits=4 if mode == "int4" else 8, int8_activations=mode == "w8a8")
 

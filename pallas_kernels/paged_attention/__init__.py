@@ -52,7 +52,7 @@ def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str =
                             v_scales=v_scales, soft_cap=soft_cap,
                             sliding_window=sliding_window)
     return ref_paged_attention(q, k_pages, v_pages, page_tables, lengths, **common)
-  interpret = bool(interpret)
+  interpret = False if interpret is None else interpret  # (keeps pltpu.InterpretParams)
   if platform != backend and not interpret:
     raise ValueError(
         f"backend={backend!r} kernel cannot compile on platform {platform!r}; pass "

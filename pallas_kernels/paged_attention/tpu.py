@@ -53,7 +53,7 @@ def _kv_index_map(j: int, *, pages_per_block: int, page_size: int, max_pages: in
   return index_map
 
 
-def _load_block(page_refs, axis: int = 0) -> jax.Array:
+def load_block(page_refs, axis: int = 0) -> jax.Array:
   """The [ppb * S_page, H] tile of a block's pages (or [1, ppb * S_page] scale row), in order."""
   if len(page_refs) == 1:
     return page_refs[0][...]
@@ -82,12 +82,12 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, pages_per_block: int, page_si
   @pl.when((start < length) & (start + t > lo))
   def _compute():
     q_GxH = q_ref[...]
-    k_TxH, v_TxH = _load_block(k_refs), _load_block(v_refs)
+    k_TxH, v_TxH = load_block(k_refs), load_block(v_refs)
     if quantized:  # int8 -> q's dtype is exact; the scales go on the logits and probabilities
       k_TxH, v_TxH = k_TxH.astype(q_GxH.dtype), v_TxH.astype(q_GxH.dtype)
     s_GxT = reference.dot_f32(q_GxH, k_TxH, contract_b=1) * scale
     if quantized:
-      s_GxT = s_GxT * _load_block(ks_refs, axis=1)
+      s_GxT = s_GxT * load_block(ks_refs, axis=1)
     s_GxT = reference.apply_soft_cap(s_GxT, soft_cap)
     pos_1xT = start + jax.lax.broadcasted_iota(jnp.int32, (1, t), 1)
     visible_1xT = (pos_1xT >= lo) & (pos_1xT < length)
@@ -101,7 +101,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, pages_per_block: int, page_si
     m_ref[...] = m_next_Gx1
     if quantized:
       # int8 codes are finite; zero the invisible scales instead (an unwritten one may be NaN).
-      v_scale_1xT = jnp.where(visible_1xT, _load_block(vs_refs, axis=1), 0.0)
+      v_scale_1xT = jnp.where(visible_1xT, load_block(vs_refs, axis=1), 0.0)
       p_GxT = p_GxT * v_scale_1xT
     else:
       # Zero invisible value rows: a page's unwritten tail may hold NaN, and 0 * NaN = NaN.

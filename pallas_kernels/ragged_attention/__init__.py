@@ -10,6 +10,8 @@ engine's packed prefill is its caller. Pallas kernels for TPU and GPU, and the X
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 
 from pallas_kernels.ragged_attention import validation
@@ -51,11 +53,14 @@ def ragged_paged_attention(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens,
                             sliding_window=sliding_window)
     return ref_ragged_paged_attention(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens,
                                       **common)
-  interpret = bool(interpret)
+  interpret = False if interpret is None else interpret  # (keeps pltpu.InterpretParams)
   if platform != backend and not interpret:
     raise ValueError(
         f"backend={backend!r} kernel cannot compile on platform {platform!r}; pass "
         f"interpret=True to run it in Pallas interpret mode, or use backend='xla'.")
   kernel = ragged_paged_attention_tpu if backend == "tpu" else ragged_paged_attention_gpu
+  if auto:  # tuning for the other platform's kernel (num_warps on TPU) does not apply here
+    accepted = inspect.signature(kernel).parameters
+    tuning = {k: v for k, v in tuning.items() if k in accepted}
   return kernel(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, interpret=interpret,
                 **common, **tuning)

@@ -45,7 +45,7 @@ def _kernel(tables_ref, span_ref, q_ref, k_pages_ref, v_pages_ref, *refs, pages_
   end = pl.cdiv(hi, page_size)
   q_RxH = q_ref[...]
   query_R = jnp.arange(rows) & (queries_per_block - 1)
-  q_pos_R = first_position + query_R
+  q_pos_R = jnp.where(query_R < used, first_position + query_R, -1)  # unused slots see nothing
 
   def body(it, carry):
     o_RxH, m_R, l_R = carry
@@ -64,7 +64,7 @@ def _kernel(tables_ref, span_ref, q_ref, k_pages_ref, v_pages_ref, *refs, pages_
       s_RxT = s_RxT * scale_refs[0][ids_P].reshape(1, t)
     s_RxT = reference.apply_soft_cap(s_RxT, soft_cap)
     pos_T = start * page_size + jnp.arange(t)
-    visible_RxT = (pos_T[None, :] <= q_pos_R[:, None]) & (query_R[:, None] < used)
+    visible_RxT = pos_T[None, :] <= q_pos_R[:, None]
     if sliding_window is not None:
       visible_RxT &= pos_T[None, :] > q_pos_R[:, None] - sliding_window
     s_RxT = jnp.where(visible_RxT, s_RxT, -jnp.inf)

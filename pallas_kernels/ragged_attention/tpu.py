@@ -29,6 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention import validation as paged_validation
+from pallas_kernels.paged_attention.tpu import load_block
 from pallas_kernels.ragged_attention import schedule
 from pallas_kernels.ragged_attention import validation
 
@@ -48,13 +49,6 @@ def _kv_index_map(j: int, *, pages_per_block: int, page_size: int, max_pages: in
     return h, page, 0, 0
 
   return index_map
-
-
-def _load_block(page_refs, axis: int = 0) -> jax.Array:
-  """The [ppb * S_page, H] tile of a block's pages (or [1, ppb * S_page] scale row), in order."""
-  if len(page_refs) == 1:
-    return page_refs[0][...]
-  return jnp.concatenate([r[...] for r in page_refs], axis=axis)
 
 
 def _kernel(seq_ref, lo_ref, hi_ref, first_ref, rows_ref, tables_ref, q_ref, *refs,
@@ -81,17 +75,19 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_ref, rows_ref, tables_ref, q_ref, *re
   def _compute():
     q_RxH = q_ref[...]
     rows = q_RxH.shape[0]
-    k_TxH, v_TxH = _load_block(k_refs), _load_block(v_refs)
+    k_TxH, v_TxH = load_block(k_refs), load_block(v_refs)
     if quantized:
       k_TxH, v_TxH = k_TxH.astype(q_RxH.dtype), v_TxH.astype(q_RxH.dtype)
     s_RxT = reference.dot_f32(q_RxH, k_TxH, contract_b=1) * scale
     if quantized:
-      s_RxT = s_RxT * _load_block(ks_refs, axis=1)
+      s_RxT = s_RxT * load_block(ks_refs, axis=1)
     s_RxT = reference.apply_soft_cap(s_RxT, soft_cap)
     query_Rx1 = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (queries_per_block - 1)
-    q_pos_Rx1 = first_ref[w] + query_Rx1
+    # Unused query slots sit at position -1, where no key is visible: the mask is built from
+    # integer compares of a (1, T) row against an (R, 1) column only.
+    q_pos_Rx1 = jnp.where(query_Rx1 < rows_ref[w], first_ref[w] + query_Rx1, -1)
     k_pos_1xT = start + jax.lax.broadcasted_iota(jnp.int32, (1, t), 1)
-    visible_RxT = (k_pos_1xT <= q_pos_Rx1) & (query_Rx1 < rows_ref[w])
+    visible_RxT = k_pos_1xT <= q_pos_Rx1
     if sliding_window is not None:
       visible_RxT &= k_pos_1xT > q_pos_Rx1 - sliding_window
     s_RxT = jnp.where(visible_RxT, s_RxT, -jnp.inf)
@@ -106,7 +102,7 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_ref, rows_ref, tables_ref, q_ref, *re
     in_span_1xT = (k_pos_1xT >= lo) & (k_pos_1xT < hi)
     if quantized:
       # int8 codes are finite; zero the scales outside the span (an unwritten one may be NaN).
-      p_RxT = p_RxT * jnp.where(in_span_1xT, _load_block(vs_refs, axis=1), 0.0)
+      p_RxT = p_RxT * jnp.where(in_span_1xT, load_block(vs_refs, axis=1), 0.0)
     else:
       # Zero value rows outside the span: a page's unwritten tail may hold NaN (0 * NaN = NaN).
       pos_Tx1 = start + jax.lax.broadcasted_iota(jnp.int32, (t, 1), 0)
