@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import dispatch
 from pallas_kernels.int8_matmul import validation
 from pallas_kernels.int8_matmul.gpu import int8_matmul_gpu, int8_matmul_w8a8_gpu
 from pallas_kernels.int8_matmul.reference import (
@@ -24,7 +25,6 @@ __all__ = ["int8_matmul", "int8_matmul_gpu", "int8_matmul_tpu", "int8_matmul_w8a
            "int8_matmul_w8a8_gpu", "int8_matmul_w8a8_tpu", "quantize_per_token",
            "ref_int8_matmul", "ref_int8_matmul_w8a8"]
 
-_BACKENDS = ("auto", "tpu", "gpu", "xla")
 _KERNELS = {(False, "tpu"): int8_matmul_tpu, (False, "gpu"): int8_matmul_gpu,
             (True, "tpu"): int8_matmul_w8a8_tpu, (True, "gpu"): int8_matmul_w8a8_gpu}
 
@@ -32,24 +32,13 @@ _KERNELS = {(False, "tpu"): int8_matmul_tpu, (False, "gpu"): int8_matmul_gpu,
 def _dispatch(x, w_q, scales, *, w8a8: bool, backend: str, interpret: bool | None,
               tuning: dict) -> jax.Array:
   """Shared backend semantics of the two public entry points (see `int8_matmul`)."""
-  if backend not in _BACKENDS:
-    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}.")
-  platform = jax.default_backend()
-  auto = backend == "auto"
-  if auto:
-    backend = platform if platform in ("tpu", "gpu") else "xla"
-  if backend == "xla":
-    if tuning and not auto:  # auto ignores kernel tuning so one call runs on every platform
-      raise ValueError(f"backend='xla' takes no tuning arguments; got {sorted(tuning)}.")
+  choice = dispatch.choose(backend, interpret, tuning)
+  if choice.backend == "xla":
     validation.check_inputs(x, w_q, scales)
     ref = ref_int8_matmul_w8a8 if w8a8 else ref_int8_matmul
     return ref(x, w_q, scales)
-  interpret = bool(interpret)
-  if platform != backend and not interpret:
-    raise ValueError(
-        f"backend={backend!r} kernel cannot compile on platform {platform!r}; pass "
-        f"interpret=True to run it in Pallas interpret mode, or use backend='xla'.")
-  return _KERNELS[w8a8, backend](x, w_q, scales, interpret=interpret, **tuning)
+  return _KERNELS[w8a8, choice.backend](x, w_q, scales, interpret=choice.interpret,
+                                        **choice.tuning)
 
 
 def int8_matmul(x, w_q, scales, *, backend: str = "auto", interpret: bool | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import dispatch
 from pallas_kernels.paged_attention import validation
 from pallas_kernels.paged_attention.gpu import paged_attention_gpu
 from pallas_kernels.paged_attention.reference import ref_paged_attention
@@ -17,8 +18,6 @@ from pallas_kernels.paged_attention.tpu import paged_attention_tpu
 
 __all__ = ["paged_attention", "paged_attention_gpu", "paged_attention_tpu",
            "ref_paged_attention"]
-
-_BACKENDS = ("auto", "tpu", "gpu", "xla")
 
 
 def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str = "auto",
@@ -37,26 +36,14 @@ def paged_attention(q, k_pages, v_pages, page_tables, lengths, *, backend: str =
   neither); the kernels scale logits and probabilities by them instead of dequantizing pages.
   tuning: backend keyword args (pages_per_block, num_splits, num_warps, num_stages).
   """
-  if backend not in _BACKENDS:
-    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}.")
-  platform = jax.default_backend()
-  auto = backend == "auto"
-  if auto:
-    backend = platform if platform in ("tpu", "gpu") else "xla"
+  choice = dispatch.choose(backend, interpret, tuning)
   common = {"scale": scale, "soft_cap": soft_cap, "sliding_window": sliding_window,
             "k_scales": k_scales, "v_scales": v_scales}
-  if backend == "xla":
-    if tuning and not auto:  # auto ignores kernel tuning so one call runs on every platform
-      raise ValueError(f"backend='xla' takes no tuning arguments; got {sorted(tuning)}.")
+  if choice.backend == "xla":
     validation.check_inputs(q, k_pages, v_pages, page_tables, lengths, k_scales=k_scales,
                             v_scales=v_scales, soft_cap=soft_cap,
                             sliding_window=sliding_window)
     return ref_paged_attention(q, k_pages, v_pages, page_tables, lengths, **common)
-  interpret = False if interpret is None else interpret  # (keeps pltpu.InterpretParams)
-  if platform != backend and not interpret:
-    raise ValueError(
-        f"backend={backend!r} kernel cannot compile on platform {platform!r}; pass "
-        f"interpret=True to run it in Pallas interpret mode, or use backend='xla'.")
-  kernel = paged_attention_tpu if backend == "tpu" else paged_attention_gpu
-  return kernel(q, k_pages, v_pages, page_tables, lengths, interpret=interpret, **common,
-                **tuning)
+  kernel = paged_attention_tpu if choice.backend == "tpu" else paged_attention_gpu
+  return kernel(q, k_pages, v_pages, page_tables, lengths, interpret=choice.interpret, **common,
+                **choice.tuning)

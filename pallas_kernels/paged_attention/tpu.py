@@ -60,6 +60,13 @@ def load_block(page_refs, axis: int = 0) -> jax.Array:
   return jnp.concatenate([r[...] for r in page_refs], axis=axis)
 
 
+def write_normalized(o_ref, l_ref, acc_ref) -> None:
+  """The online softmax's last step: out = acc / sum per row, zeros for rows that saw nothing."""
+  l_Rx1 = l_ref[...]
+  safe_Rx1 = jnp.where(l_Rx1 > 0, l_Rx1, 1.0)
+  o_ref[...] = jnp.where(l_Rx1 > 0, acc_ref[...] / safe_Rx1, 0.0).astype(o_ref.dtype)
+
+
 def _kernel(lengths_ref, tables_ref, q_ref, *refs, pages_per_block: int, page_size: int,
             scale: float, soft_cap: float | None, sliding_window: int | None, quantized: bool):
   """One (row, KV head, page block) step of online softmax over a [ppb * S_page, H] tile."""
@@ -112,9 +119,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, *refs, pages_per_block: int, page_si
 
   @pl.when(i == pl.num_programs(2) - 1)
   def _finish():
-    l_Gx1 = l_ref[...]
-    safe_Gx1 = jnp.where(l_Gx1 > 0, l_Gx1, 1.0)
-    o_ref[...] = jnp.where(l_Gx1 > 0, acc_ref[...] / safe_Gx1, 0.0).astype(o_ref.dtype)
+    write_normalized(o_ref, l_ref, acc_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window",

@@ -43,17 +43,8 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *, k_scales=None, v_
   """
   if q.ndim != 3:
     raise ValueError(f"q must be [B, N, H] (one decode token per row); got shape {q.shape}.")
-  if k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
-    raise ValueError(
-        f"k_pages and v_pages must both be [K, P, S_page, H] of the same shape; got "
-        f"{k_pages.shape} and {v_pages.shape}.")
   b, n, h = q.shape
-  k, p, s, hk = k_pages.shape
-  if hk != h:
-    raise ValueError(f"head dim H of q ({h}) and of k_pages/v_pages ({hk}) must match.")
-  if n % k:
-    raise ValueError(
-        f"query heads N={n} must be a multiple of KV heads K={k} (grouped-query attention).")
+  k, p, s, _ = check_pages(n, h, k_pages, v_pages)
   if page_tables.ndim != 2 or page_tables.shape[0] != b:
     raise ValueError(f"page_tables must be [B={b}, M]; got shape {page_tables.shape}.")
   if page_tables.dtype != jnp.int32:
@@ -64,10 +55,7 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *, k_scales=None, v_
     raise ValueError(
         f"lengths must be an integer array of shape [B={b}]; got {lengths.dtype} {lengths.shape}.")
   check_dtypes(q, k_pages, v_pages, k_scales, v_scales)
-  if soft_cap is not None and not soft_cap > 0:
-    raise ValueError(f"soft_cap must be positive or None; got {soft_cap}.")
-  if sliding_window is not None and not sliding_window >= 1:
-    raise ValueError(f"sliding_window must be at least 1 or None; got {sliding_window}.")
+  check_options(soft_cap, sliding_window)
   m = page_tables.shape[1]
   if not isinstance(lengths, jax.core.Tracer):
     lengths_np = np.asarray(lengths)
@@ -76,6 +64,30 @@ def check_inputs(q, k_pages, v_pages, page_tables, lengths, *, k_scales=None, v_
           f"lengths must lie in [0, M * S_page] = [0, {m * s}] (M={m} pages of S_page={s}); "
           f"got min {lengths_np.min()}, max {lengths_np.max()}. Grow page_tables or trim lengths.")
   return Dims(b=b, n=n, h=h, k=k, p=p, s=s, m=m)
+
+
+def check_pages(n: int, h: int, k_pages, v_pages) -> tuple[int, int, int, int]:
+  """K/V pools of one [K, P, S_page, H] shape, H = the queries' head dim, K dividing the N query
+  heads; returns (K, P, S_page, H)."""
+  if k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
+    raise ValueError(
+        f"k_pages and v_pages must both be [K, P, S_page, H] of the same shape; got "
+        f"{k_pages.shape} and {v_pages.shape}.")
+  k, p, s, hk = k_pages.shape
+  if hk != h:
+    raise ValueError(f"head dim H of q ({h}) and of k_pages/v_pages ({hk}) must match.")
+  if n % k:
+    raise ValueError(
+        f"query heads N={n} must be a multiple of KV heads K={k} (grouped-query attention).")
+  return k, p, s, hk
+
+
+def check_options(soft_cap: float | None, sliding_window: int | None) -> None:
+  """A positive soft cap and a window of at least one position, or None."""
+  if soft_cap is not None and not soft_cap > 0:
+    raise ValueError(f"soft_cap must be positive or None; got {soft_cap}.")
+  if sliding_window is not None and not sliding_window >= 1:
+    raise ValueError(f"sliding_window must be at least 1 or None; got {sliding_window}.")
 
 
 def check_dtypes(q, k_pages, v_pages, k_scales, v_scales) -> None:

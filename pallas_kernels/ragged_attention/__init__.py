@@ -14,6 +14,7 @@ import inspect
 
 import jax
 
+from pallas_kernels import dispatch
 from pallas_kernels.ragged_attention import validation
 from pallas_kernels.ragged_attention.gpu import ragged_paged_attention_gpu
 from pallas_kernels.ragged_attention.reference import ref_ragged_paged_attention
@@ -21,8 +22,6 @@ from pallas_kernels.ragged_attention.tpu import ragged_paged_attention_tpu
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_gpu", "ragged_paged_attention_tpu",
            "ref_ragged_paged_attention"]
-
-_BACKENDS = ("auto", "tpu", "gpu", "xla")
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, *,
@@ -37,30 +36,19 @@ def ragged_paged_attention(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens,
   is the Pallas kernel of `jax.default_backend()` (tpu/gpu) and the XLA reference elsewhere.
   tuning: pages_per_block, queries_per_block (and num_warps, num_stages on GPU).
   """
-  if backend not in _BACKENDS:
-    raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}.")
-  platform = jax.default_backend()
-  auto = backend == "auto"
-  if auto:
-    backend = platform if platform in ("tpu", "gpu") else "xla"
+  choice = dispatch.choose(backend, interpret, tuning)
   common = {"scale": scale, "soft_cap": soft_cap, "sliding_window": sliding_window,
             "k_scales": k_scales, "v_scales": v_scales}
-  if backend == "xla":
-    if tuning and not auto:  # auto ignores kernel tuning so one call runs on every platform
-      raise ValueError(f"backend='xla' takes no tuning arguments; got {sorted(tuning)}.")
+  if choice.backend == "xla":
     validation.check_inputs(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens,
                             k_scales=k_scales, v_scales=v_scales, soft_cap=soft_cap,
                             sliding_window=sliding_window)
     return ref_ragged_paged_attention(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens,
                                       **common)
-  interpret = False if interpret is None else interpret  # (keeps pltpu.InterpretParams)
-  if platform != backend and not interpret:
-    raise ValueError(
-        f"backend={backend!r} kernel cannot compile on platform {platform!r}; pass "
-        f"interpret=True to run it in Pallas interpret mode, or use backend='xla'.")
-  kernel = ragged_paged_attention_tpu if backend == "tpu" else ragged_paged_attention_gpu
-  if auto:  # tuning for the other platform's kernel (num_warps on TPU) does not apply here
+  kernel = ragged_paged_attention_tpu if choice.backend == "tpu" else ragged_paged_attention_gpu
+  tuning = choice.tuning
+  if choice.auto:  # tuning for the other platform's kernel (num_warps on TPU) does not apply
     accepted = inspect.signature(kernel).parameters
     tuning = {k: v for k, v in tuning.items() if k in accepted}
-  return kernel(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, interpret=interpret,
-                **common, **tuning)
+  return kernel(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens,
+                interpret=choice.interpret, **common, **tuning)

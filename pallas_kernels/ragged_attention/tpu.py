@@ -29,7 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention import validation as paged_validation
-from pallas_kernels.paged_attention.tpu import load_block
+from pallas_kernels.paged_attention.tpu import load_block, write_normalized
 from pallas_kernels.ragged_attention import schedule
 from pallas_kernels.ragged_attention import validation
 
@@ -112,9 +112,7 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_ref, rows_ref, tables_ref, q_ref, *re
 
   @pl.when(i == pl.num_programs(2) - 1)
   def _finish():
-    l_Rx1 = l_ref[...]
-    safe_Rx1 = jnp.where(l_Rx1 > 0, l_Rx1, 1.0)
-    o_ref[...] = jnp.where(l_Rx1 > 0, acc_ref[...] / safe_Rx1, 0.0).astype(o_ref.dtype)
+    write_normalized(o_ref, l_ref, acc_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window",

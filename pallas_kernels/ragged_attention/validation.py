@@ -21,17 +21,8 @@ def check_inputs(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, *, k_scal
   kv_len within its page table's capacity. Returns the sizes (b = sequences)."""
   if q.ndim != 3:
     raise ValueError(f"q must be [T, N, H] (queries of all sequences packed); got {q.shape}.")
-  if k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
-    raise ValueError(
-        f"k_pages and v_pages must both be [K, P, S_page, H] of the same shape; got "
-        f"{k_pages.shape} and {v_pages.shape}.")
   t, n, h = q.shape
-  k, p, s, hk = k_pages.shape
-  if hk != h:
-    raise ValueError(f"head dim H of q ({h}) and of k_pages/v_pages ({hk}) must match.")
-  if n % k:
-    raise ValueError(
-        f"query heads N={n} must be a multiple of KV heads K={k} (grouped-query attention).")
+  k, p, s, _ = paged_validation.check_pages(n, h, k_pages, v_pages)
   if page_tables.ndim != 2 or page_tables.dtype != jnp.int32:
     raise ValueError(
         f"page_tables must be int32 [S, M] (one row per sequence); got {page_tables.dtype} "
@@ -48,10 +39,7 @@ def check_inputs(q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, *, k_scal
         f"cu_q_lens must be an integer array of shape [S + 1 = {num_seqs + 1}] (sequence s owns "
         f"q rows cu_q_lens[s]:cu_q_lens[s + 1]); got {cu_q_lens.dtype} {cu_q_lens.shape}.")
   paged_validation.check_dtypes(q, k_pages, v_pages, k_scales, v_scales)
-  if soft_cap is not None and not soft_cap > 0:
-    raise ValueError(f"soft_cap must be positive or None; got {soft_cap}.")
-  if sliding_window is not None and not sliding_window >= 1:
-    raise ValueError(f"sliding_window must be at least 1 or None; got {sliding_window}.")
+  paged_validation.check_options(soft_cap, sliding_window)
   if not isinstance(cu_q_lens, jax.core.Tracer) and not isinstance(kv_lens, jax.core.Tracer):
     _check_layout(np.asarray(cu_q_lens), np.asarray(kv_lens), t, m * s)
   return Dims(b=num_seqs, n=n, h=h, k=k, p=p, s=s, m=m)
