@@ -251,7 +251,9 @@ _ISOLATED_ENV = "JINFER_TEST_IN_OWN_PROCESS"
 def test_smollm2_greedy_speculative_equals_plain_greedy(request):
   """Runs in a process of its own: late in a full-suite process, XLA:CPU's compile of these
   large programs crashed twice (a segfault, and an abort reading the compile cache) while the
-  test passed alone; a crash must fail this test, not end the suite."""
+  test passed alone. The likely cause, found since, is the process reaching Linux's memory-map
+  limit (see conftest's _release_compiled_programs); the isolation stays so that a crash fails
+  this test, not the suite."""
   if os.environ.get(_ISOLATED_ENV) == "1":
     _smollm2_greedy_speculative_equals_plain_greedy(request.getfixturevalue("smollm2"))
     return

@@ -116,6 +116,10 @@ class CompileCache:
     """How many programs were compiled."""
     return len(self._programs)
 
+  def clear(self) -> None:
+    """Drops every executable (they compile again when next needed)."""
+    self._programs.clear()
+
   def get(self, jitted, args, static: dict, stats: GenerationStats, mesh=None):
     """The executable for these arguments; `mesh`: traced sharded over it (a model's mesh)."""
     shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), args)
