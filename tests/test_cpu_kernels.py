@@ -65,7 +65,7 @@ def test_float_matmul_matches_xla(rows, dtype):
   np.testing.assert_allclose(jax.jit(fn)(x, w), _einsum(x, w), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 12])  # int4 tiles x rows by 8: 12 = 8 + 4
+@pytest.mark.parametrize("rows", [1, 4, 7, 12])  # x rows in tiles of 4, and a remainder
 @pytest.mark.parametrize("mode,group_size", [("int8", None), ("int8", 32), ("int4", 32),
                                              ("int4", 64), ("w8a8", None), ("w8a8", 64)])
 @needs_kernels

@@ -396,9 +396,6 @@ inline float HalfToFloat(uint16_t h) {
 }
 
 constexpr int64_t kMaxGroups = 2048;  // int4 groups per weight row (K <= 65536 at groups of 32)
-// x rows per decoded int4 block: 8 rows' even/odd accumulators (16 registers) still leave
-// AVX-512's 32 for the decoded block and scale, and halve the decoding of a batch of 8.
-constexpr int kInt4RowTile = 8;
 
 // A row's G float16 scales or offsets as float32 (vector conversion, off the FMA chains).
 inline void HalvesToFloats(const uint16_t* h, int64_t G, float* out) {
@@ -522,7 +519,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.untyped_data());
   float* yp = y->typed_data();
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
-    float out[kInt4RowTile];
+    float out[kRowTile];
     float row_scales[4 * kMaxGroups], row_offsets[kMaxGroups];
     // The offsets term for x row m, sum_g offset[n, g] * sums[m, g], of the row n whose
     // offsets are in row_offsets.
@@ -547,14 +544,10 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       const uint8_t* row = wp + n * (K / 2);
       HalvesToFloats(sp + n * G, G, row_scales);
       HalvesToFloats(op + n * G, G, row_offsets);
-      for (int64_t m = 0; m < M; m += kInt4RowTile) {
-        const int64_t mt = std::min<int64_t>(kInt4RowTile, M - m);
+      for (int64_t m = 0; m < M; m += kRowTile) {
+        const int64_t mt = std::min<int64_t>(kRowTile, M - m);
         const float* xm = xs + m * K;
         switch (mt) {
-          case 8: Int4DotRows<8>(xm, K, row, group, row_scales, out); break;
-          case 7: Int4DotRows<7>(xm, K, row, group, row_scales, out); break;
-          case 6: Int4DotRows<6>(xm, K, row, group, row_scales, out); break;
-          case 5: Int4DotRows<5>(xm, K, row, group, row_scales, out); break;
           case 4: Int4DotRows<4>(xm, K, row, group, row_scales, out); break;
           case 3: Int4DotRows<3>(xm, K, row, group, row_scales, out); break;
           case 2: Int4DotRows<2>(xm, K, row, group, row_scales, out); break;
