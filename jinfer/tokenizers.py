@@ -219,9 +219,21 @@ class ByteTokenizer:
     return list(text.encode())
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-    """The text of the bytes `ids`, invalid UTF-8 replaced; EOS dropped if skip_special_tokens."""
-    data = bytes(i for i in ids if not (skip_special_tokens and i in self.eos_ids))
-    return data.decode(errors="replace")
+    """The text of the bytes `ids`, invalid UTF-8 replaced; EOS dropped if skip_special_tokens.
+
+    Ids past 255 (a preset with a larger vocabulary samples them) are not bytes: each reads as
+    U+FFFD, as invalid UTF-8 does.
+    """
+    pieces, run = [], bytearray()
+    for i in ids:
+      if skip_special_tokens and i in self.eos_ids:
+        continue
+      if 0 <= i < 256:
+        run.append(i)
+      else:
+        pieces += [run.decode(errors="replace"), "\ufffd"]
+        run = bytearray()
+    return "".join(pieces) + run.decode(errors="replace")
 
 
 class Tokenizer:

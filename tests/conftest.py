@@ -47,6 +47,15 @@ def _release_compiled_programs():
   gc.collect()
 
 
+@pytest.fixture
+def interpret_for():
+  """`interpret=` for a kernel variant named "<platform>..." ("gpu_split2", "tpu_bq8"): compiled
+  when the tests run on that platform (a TPU VM, or a lent GPU), Pallas interpret mode elsewhere.
+  So the same cases check the compiled kernels against their references wherever one compiles."""
+  platform = jax.default_backend()
+  return lambda kernel: not kernel.startswith(platform)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
   """Every test that needs the real SmolLM2 file is slow, marked or not (a safety net: a new test,

@@ -87,12 +87,12 @@ PAIRS = [pytest.param(c, kern, id=f"{c}-{kern}",
 
 
 @pytest.mark.parametrize("case,kernel", PAIRS)
-def test_kernel_matches_reference(case, kernel):
+def test_kernel_matches_reference(case, kernel, interpret_for):
   x_shape, n, groups, dtype, tpu_tuning, gpu_tuning = CASES[case]
   x, w_q, scales = make_inputs(x_shape, n, dtype=dtype, groups=groups)
   fn, w8a8 = KERNELS[kernel]
   tuning = tpu_tuning if kernel.startswith("tpu") else gpu_tuning
-  got = fn(x, w_q, scales, interpret=True, **tuning)
+  got = fn(x, w_q, scales, interpret=interpret_for(kernel), **tuning)
   want = (ref_int8_matmul_w8a8 if w8a8 else ref_int8_matmul)(x, w_q, scales)
   assert got.shape == (*x_shape[:-1], n)
   assert_close(got, want, w8a8=w8a8)

@@ -83,11 +83,12 @@ PAIRS = [pytest.param(c, kern, id=f"{c}-{kern}",
 
 
 @pytest.mark.parametrize("case,kernel", PAIRS)
-def test_kernel_matches_reference(case, kernel):
+def test_kernel_matches_reference(case, kernel, interpret_for):
   n, k, h, s, dtype, lengths, options = CASES[case]
   q, k_nan, v_nan, k_clean, v_clean, tables, lengths = make_inputs(
       lengths, n=n, k=k, h=h, s=s, dtype=dtype, sliding_window=options.get("sliding_window"))
-  out = KERNELS[kernel](q, k_nan, v_nan, tables, lengths, interpret=True, **options)
+  out = KERNELS[kernel](q, k_nan, v_nan, tables, lengths, interpret=interpret_for(kernel),
+                        **options)
   want = ref_paged_attention(q, k_clean, v_clean, tables, lengths, **options)
   chex.assert_equal_shape([out, q])
   chex.assert_type(out, q.dtype)
@@ -136,12 +137,12 @@ INT8_FAST = ("g1_s8_f32", "g8_s8_f32_window")  # a TPU and a GPU variant; the re
 
 @pytest.mark.parametrize("case", [c if c in INT8_FAST else pytest.param(c, marks=pytest.mark.slow)
                                   for c in INT8_CASES])
-def test_int8_kernel_matches_reference_on_dequantized_pages(case):
+def test_int8_kernel_matches_reference_on_dequantized_pages(case, interpret_for):
   n, k, h, s, q_dtype, lengths, options, kernel = INT8_CASES[case]
   q, k_q, v_q, k_s, v_s, k_deq, v_deq, tables, lengths = make_int8_inputs(
       lengths, n=n, k=k, h=h, s=s, q_dtype=q_dtype, sliding_window=options.get("sliding_window"))
   out = KERNELS[kernel](q, k_q, v_q, tables, lengths, k_scales=k_s, v_scales=v_s,
-                        interpret=True, **options)
+                        interpret=interpret_for(kernel), **options)
   want = ref_paged_attention(q, k_deq, v_deq, tables, lengths, **options)
   chex.assert_equal_shape([out, q])
   chex.assert_type(out, q.dtype)
@@ -174,15 +175,19 @@ def test_int8_tpu_kernel_in_tpu_simulating_interpreter():
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), **TOLERANCE[jnp.float32])
 
 
-@pytest.mark.parametrize("kernel", [
-    functools.partial(paged_attention_tpu, pages_per_block=2),
-    functools.partial(paged_attention_gpu, num_splits=4, pages_per_block=2),
-], ids=["tpu_ppb2", "gpu_split4_ppb2"])
-def test_page_table_not_a_multiple_of_the_block(kernel):
+UNEVEN_TABLE_KERNELS = {
+    "tpu_ppb2": functools.partial(paged_attention_tpu, pages_per_block=2),
+    "gpu_split4_ppb2": functools.partial(paged_attention_gpu, num_splits=4, pages_per_block=2),
+}
+
+
+@pytest.mark.parametrize("kernel", UNEVEN_TABLE_KERNELS)
+def test_page_table_not_a_multiple_of_the_block(kernel, interpret_for):
   """M = 3 pages: the last TPU block and the GPU splits run past the table (padded/clamped)."""
   q, k_nan, v_nan, k_clean, v_clean, tables, lengths = make_inputs(
       (24, 17, 0), n=4, k=2, h=64, s=8, dtype=jnp.float32, m=3, seed=1)
-  out = kernel(q, k_nan, v_nan, tables, lengths, interpret=True)
+  out = UNEVEN_TABLE_KERNELS[kernel](q, k_nan, v_nan, tables, lengths,
+                                    interpret=interpret_for(kernel))
   want = ref_paged_attention(q, k_clean, v_clean, tables, lengths)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), **TOLERANCE[jnp.float32])
 

@@ -120,12 +120,13 @@ def test_reference_equals_a_per_query_loop(case):
 
 
 @pytest.mark.parametrize("case,kernel", PAIRS)
-def test_kernel_matches_reference(case, kernel):
+def test_kernel_matches_reference(case, kernel, interpret_for):
   n, k, h, s, dtype, seqs, options = CASES[case]
   q, k_nan, v_nan, k_clean, v_clean, tables, kv_lens, cu = make_inputs(
       seqs, n=n, k=k, h=h, s=s, dtype=dtype, sliding_window=options.get("sliding_window"))
   want = ref_ragged_paged_attention(q, k_clean, v_clean, tables, kv_lens, cu, **options)
-  got = KERNELS[kernel](q, k_nan, v_nan, tables, kv_lens, cu, interpret=True, **options)
+  got = KERNELS[kernel](q, k_nan, v_nan, tables, kv_lens, cu, interpret=interpret_for(kernel),
+                        **options)
   assert got.shape == q.shape and got.dtype == q.dtype
   assert np.isfinite(np.asarray(got, np.float32)).all()
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
@@ -133,7 +134,7 @@ def test_kernel_matches_reference(case, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["tpu_bq8", "gpu_bq8"])
-def test_int8_pages_match_the_dequantized_reference(kernel):
+def test_int8_pages_match_the_dequantized_reference(kernel, interpret_for):
   seqs = [(30, 12), (17, 1), (9, 9)]
   q, _, _, k_clean, v_clean, tables, kv_lens, cu = make_inputs(seqs, n=6, k=2, h=32, s=8)
   # [K, P, S, H] -> int8 codes with one scale per (head, page, slot), then NaN scales wherever
@@ -147,7 +148,7 @@ def test_int8_pages_match_the_dequantized_reference(kernel):
   want = ref_ragged_paged_attention(q, dequantize_kv(k_q, k_scale), dequantize_kv(v_q, v_scale),
                                     tables, kv_lens, cu)
   got = KERNELS[kernel](q, k_q, v_q, tables, kv_lens, cu, k_scales=k_scale_nan,
-                        v_scales=v_scale_nan, interpret=True)
+                        v_scales=v_scale_nan, interpret=interpret_for(kernel))
   assert np.isfinite(np.asarray(got)).all()
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 

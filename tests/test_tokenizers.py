@@ -501,3 +501,14 @@ def test_bad_special_token_in_config(tok, tmp_path):
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
   with pytest.raises(CheckpointError, match="not-a-token.*not in the vocabulary"):
     Tokenizer.from_hf_dir(tmp_path)
+
+
+def test_byte_tokenizer_reads_ids_past_255_as_replacement_characters():
+  """A random preset with a real vocabulary (random_model("smollm2-135m")) samples ids past the
+  bytes; decoding them must not fail (it did: bytes must be in range(0, 256))."""
+  from jinfer.tokenizers import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  tok = ByteTokenizer()
+  ids = tok.encode("héllo") + [4096, 255] + tok.encode("!")
+  assert tok.decode(ids) == "héllo\ufffd\ufffd!"
+  assert tok.decode(ids, skip_special_tokens=True) == "héllo\ufffd!"
+  assert tok.decode([49151]) == "\ufffd"

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_w8a8
+from pallas_kernels.paged_attention.benchmark import peak_gbps_for
 
 SHAPE_SETS = {  # (N, K) = (out, in) weights at decode
     "smollm2": ((960, 576), (3072, 576), (576, 1536)),  # qkv-ish, gate/up, down of SmolLM2-135M
@@ -85,16 +86,18 @@ def bench_point(m: int, n: int, k: int, *, backend: str, runs: int) -> Row:
   return Row(m=m, n=n, k=k, us=us, gbps=gbps)
 
 
-def format_table(rows: Sequence[Row]) -> str:
-  """A markdown table, one row per (M, N, K)."""
+def format_table(rows: Sequence[Row], peak_gbps: float | None = None) -> str:
+  """A markdown table, one row per (M, N, K); with `peak_gbps`, the int8 kernel's weight
+  bandwidth as a fraction of that peak."""
   header = ("| M | N | K | int8 us | int8 GB/s | w8a8 us | w8a8 GB/s | bf16 us | bf16 GB/s "
-            "| int8/bf16 time |")
-  lines = [header, "|" + " --- |" * 10]
+            "| int8/bf16 time |" + (" int8 / peak |" if peak_gbps else ""))
+  lines = [header, "|" + " --- |" * (11 if peak_gbps else 10)]
   for r in rows:
     lines.append(
         f"| {r.m} | {r.n} | {r.k} | {r.us['int8']:.1f} | {r.gbps['int8']:.1f} "
         f"| {r.us['w8a8']:.1f} | {r.gbps['w8a8']:.1f} | {r.us['bf16']:.1f} "
-        f"| {r.gbps['bf16']:.1f} | {r.int8_over_bf16:.2f} |")
+        f"| {r.gbps['bf16']:.1f} | {r.int8_over_bf16:.2f} |"
+        + (f" {r.gbps['int8'] / peak_gbps:.0%} |" if peak_gbps else ""))
   return "\n".join(lines)
 
 
@@ -114,7 +117,10 @@ def run(m_sizes: Sequence[int] = M_SIZES,
     log("note: Pallas kernels need a TPU or GPU; on this platform the int8 and w8a8 columns "
         "time the XLA reference paths.")
   rows = [bench_point(m, n, k, backend=backend, runs=runs) for n, k in shapes for m in m_sizes]
-  log(format_table(rows))
+  peak = peak_gbps_for(jax.devices()[0].device_kind)
+  if peak:
+    log(f"peak memory bandwidth of this device kind: {peak:.0f} GB/s")
+  log(format_table(rows, peak))
   return rows
 
 
