@@ -87,7 +87,7 @@ def main(kind: str) -> None:
   out["all_reduces"] = hlo.count(" all-reduce(")
   out["all_gathers"] = hlo.count(" all-gather(")
   out["native_matmuls"] = hlo.count("jinfer_matmul_f32")
-  out["native_attention"] = hlo.count("jinfer_decode_attention_f32")
+  out["native_attention"] = hlo.count("jinfer_decode_rope_attention_f32")
   out["n_layers"] = model.config.n_layers
   if kind == "tiny":
     want = jinfer.generate(model, prompts, GREEDY)

@@ -14,8 +14,9 @@ import pytest
 
 import jinfer
 from jinfer import cpu_kernels
+from jinfer.cache.kv_cache import KVCache
 from jinfer.cpu_kernels import build
-from jinfer.models.attention import attention
+from jinfer.models.rope import Rope
 from jinfer.quant import weights as qw
 
 _SUPPORTED = (sys.platform == "linux" and os.uname().machine == "x86_64"
@@ -131,31 +132,91 @@ def test_int8_groups_not_divisible_by_32_fall_back():
   np.testing.assert_allclose(qw.linear(x, w), _einsum(x, w.dequantize()), rtol=1e-5, atol=1e-5)
 
 
+def _unfused_decode(qkv_BxKxG2xH, rope, k_BxKxSxH, v_BxKxSxH, positions_B):
+  """XLA's path for one decode step: RoPE, the cache scatter, then attention."""
+  cache = KVCache(k=(k_BxKxSxH,), v=(v_BxKxSxH,))
+  q, k, v = rope.split_qkv(qkv_BxKxG2xH[:, None])
+  cache = cache.write(0, k, v, positions_B[:, None])
+  return cache.attend(0, q, positions_B[:, None])[:, 0], cache.k[0], cache.v[0]
+
+
+def _wrong_decode(qkv_BxKxG2xH, k, v):
+  """decode_rope_attention's fallback, with an output a test would reject."""
+  b, kv_heads, g2, h = qkv_BxKxG2xH.shape
+  return lambda: (jnp.full((b, kv_heads * (g2 - 2), h), jnp.nan, qkv_BxKxG2xH.dtype), k, v)
+
+
+def _decode_inputs(batch, kv_heads, groups, slots, head_dim, positions, dtype):
+  qkv = _normal(batch, kv_heads, groups + 2, head_dim).astype(dtype)
+  k, v = (_normal(batch, kv_heads, slots, head_dim).astype(dtype) for _ in "kv")
+  positions = jnp.asarray(positions, jnp.int32)
+  rope = Rope.at(positions[:, None], np.linspace(1.0, 1e-3, head_dim // 2, dtype=np.float32))
+  return qkv, rope, k, v, positions
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_attention_matches_xla(dtype):
-  batch, kv_heads, groups, slots, head_dim = 4, 2, 3, 40, 64
-  q = _normal(batch, kv_heads * groups, head_dim).astype(dtype)
-  k = _normal(batch, kv_heads, slots, head_dim).astype(dtype)
-  v = _normal(batch, kv_heads, slots, head_dim).astype(dtype)
-  positions = jnp.array([0, 9, 39, 25])  # first slot only, middle, whole cache
-  want = attention(q[:, None], k, v, positions[:, None], jnp.arange(slots)[None])[:, 0]
-  fn = lambda q, k, v, p: cpu_kernels.decode_attention(q, k, v, p, fallback=_wrong(q))
-  assert "jinfer_decode_attention" in _lowered_text(fn, q, k, v, positions)
-  got = jax.jit(fn)(q, k, v, positions)
-  assert got.dtype == dtype
+def test_decode_rope_attention_matches_the_unfused_path(dtype):
+  """RoPE, the cache write and attention in one kernel equal XLA's three steps: the first slot
+  only, the middle, the whole cache; a padding row (-1) and a row past the cache (S) write
+  nothing, as the scatter's mode="drop"."""
+  positions = [0, 9, 39, 25, -1, 40]
+  qkv, rope, k, v, positions = _decode_inputs(6, 2, 3, 40, 64, positions, dtype)
+  fused = lambda qkv, cos, sin, k, v, p: cpu_kernels.decode_rope_attention(
+      qkv, cos, sin, k, v, p, fallback=_wrong_decode(qkv, k, v))
+  args = (qkv, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k, v, positions)
+  assert "jinfer_decode_rope_attention" in _lowered_text(fused, *args)
+  got_out, got_k, got_v = jax.jit(fused)(*args)
+  want_out, want_k, want_v = _unfused_decode(qkv, rope, k, v, positions)
+  assert got_out.dtype == dtype and got_k.dtype == dtype
   tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
+  # Rows 0-3 attend; row 4's output is discarded padding; row 5 sees the whole old cache.
+  np.testing.assert_allclose(got_out[:4].astype(jnp.float32), want_out[:4].astype(jnp.float32),
+                             atol=tolerance)
+  np.testing.assert_allclose(got_k[:4].astype(jnp.float32), want_k[:4].astype(jnp.float32),
+                             atol=tolerance)
+  np.testing.assert_array_equal(got_v[:4], want_v[:4])  # v is stored as given: bit-exact
+  # Rows -1 and S write nothing (XLA's path wraps -1 to slot S - 1, as jnp indexing does).
+  np.testing.assert_array_equal(got_k[4:], k[4:])
+  np.testing.assert_array_equal(got_v[4:], v[4:])
 
 
 @needs_kernels
-def test_long_context_attention_is_split_across_threads():
-  # Enough cache to take the threaded path; positions beyond the cache are clamped to it.
-  q, k, v = _normal(2, 6, 64), _normal(2, 3, 700, 64), _normal(2, 3, 700, 64)
-  positions = jnp.array([699, 450])
-  want = attention(q[:, None], k, v, positions[:, None], jnp.arange(700)[None])[:, 0]
-  got = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, fallback=_wrong(q)))(q, k, v, positions)
-  np.testing.assert_allclose(got, want, atol=1e-5)
+def test_decode_rope_attention_writes_the_cache_in_place():
+  """Inside a decode loop the caches are aliased to the kernel's outputs: no copy of a
+  cache-sized buffer per step (XLA's scatter cost time in proportion to the cache)."""
+  qkv, rope, k, v, positions = _decode_inputs(2, 2, 3, 512, 64, [5, 100], jnp.float32)
+
+  def loop(k, v):
+    def body(i, carry):
+      k, v, total = carry
+      out, k, v = cpu_kernels.decode_rope_attention(
+          qkv + i, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k, v, positions + i,
+          fallback=_wrong_decode(qkv, k, v))
+      return k, v, total + out.sum()
+    return jax.lax.fori_loop(0, 4, body, (k, v, 0.0))
+
+  hlo = jax.jit(loop, donate_argnums=(0, 1)).lower(k, v).compile().as_text()
+  assert "jinfer_decode_rope_attention" in hlo
+  assert "output_to_operand_aliasing" in hlo
+  got_k, got_v, _ = jax.jit(loop)(k, v)
+  want_k, want_v = k, v
+  for i in range(4):  # each step wrote its own slot
+    _, want_k, want_v = _unfused_decode(qkv + i, rope, want_k, want_v, positions + i)
+  np.testing.assert_allclose(got_k, want_k, atol=1e-5)
+  np.testing.assert_array_equal(got_v, want_v)
+
+
+@needs_kernels
+def test_long_context_decode_is_split_across_threads():
+  # Enough cache to take the threaded path.
+  qkv, rope, k, v, positions = _decode_inputs(2, 3, 2, 700, 64, [699, 450], jnp.float32)
+  got = jax.jit(lambda *a: cpu_kernels.decode_rope_attention(
+      *a, fallback=_wrong_decode(qkv, k, v)))(
+          qkv, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k, v, positions)
+  want = _unfused_decode(qkv, rope, k, v, positions)
+  for got_x, want_x in zip(got, want):
+    np.testing.assert_allclose(got_x, want_x, atol=1e-5)
 
 
 @needs_kernels

@@ -265,3 +265,20 @@ def test_filters_equal_transformers_warpers(settings):
   expected = expected.numpy()
   np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
   np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_greedy_tokens_equal_argmax_including_ties_nan_and_inf():
+  greedy_tokens = sampling_lib.greedy_tokens
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((6, 2, 50)).astype(np.float32)
+  logits[0, 0, [3, 17]] = 9.0  # a tie: the first index wins
+  logits[1, 0, [5, 30]] = np.nan  # NaN counts as the maximum, the first one
+  logits[2, 0] = -np.inf  # nothing finite: index 0
+  logits[3, 1, 49] = np.inf
+  logits[4, 1, :] = 1.0
+  got = greedy_tokens(jnp.asarray(logits))
+  assert got.dtype == jnp.int32 and got.shape == (6, 2)
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), axis=-1))
+  np.testing.assert_array_equal(got[:5, 0], [3, 5, 0, np.argmax(logits[3, 0]), np.argmax(logits[4, 0])])
+  bf16 = jnp.asarray(logits, jnp.bfloat16)
+  np.testing.assert_array_equal(greedy_tokens(bf16), jnp.argmax(bf16, axis=-1))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jinfer import cpu_kernels
 from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
+from jinfer.models.rope import Rope
 from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
 
 
@@ -82,15 +83,34 @@ class KVCache:
     return (dequantize_kv(self.k[layer], self.k_scales[layer]),
             dequantize_kv(self.v[layer], self.v_scales[layer]), positions_S)
 
+  def write_and_attend(self, layer: int, qkv_BxTxKxG2xH: jax.Array, rope: Rope,
+                       positions_BxT: jax.Array) -> tuple[jax.Array, "KVCache"]:
+    """RoPE on the projection's queries and keys, the new keys/values written at their
+    positions, then causal attention [B, T, N, H] over this layer's cache.
+
+    A decode step (T = 1) over a float cache is one CPU kernel (`cpu_kernels.decode_rope_attention`:
+    no RoPE, scatter or attention ops per layer, and the cache written in place).
+    """
+    def unfused():
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = rope.split_qkv(qkv_BxTxKxG2xH)
+      cache = self.write(layer, k_BxTxKxH, v_BxTxKxH, positions_BxT)
+      return cache.attend(layer, q_BxTxNxH, positions_BxT), cache
+
+    if qkv_BxTxKxG2xH.shape[1] != 1 or self.quantized:
+      return unfused()
+
+    def fallback():
+      out_BxTxNxH, cache = unfused()
+      return out_BxTxNxH[:, 0], cache.k[layer], cache.v[layer]
+
+    out_BxNxH, k_BxKxSxH, v_BxKxSxH = cpu_kernels.decode_rope_attention(
+        qkv_BxTxKxG2xH[:, 0], rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], self.k[layer],
+        self.v[layer], positions_BxT[:, 0], fallback=fallback)
+    return out_BxNxH[:, None], self.replace(k=_replace_at(self.k, layer, k_BxKxSxH),
+                                            v=_replace_at(self.v, layer, v_BxKxSxH))
+
   def attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     """Causal attention [B, T, N, H] of queries at `positions` over this layer's cache."""
-    if q_BxTxNxH.shape[1] == 1 and not self.quantized:  # a decode step: the fused CPU kernel
-      return cpu_kernels.decode_attention(
-          q_BxTxNxH[:, 0], self.k[layer], self.v[layer], positions_BxT[:, 0],
-          fallback=lambda: self._xla_attend(layer, q_BxTxNxH, positions_BxT)[:, 0])[:, None]
-    return self._xla_attend(layer, q_BxTxNxH, positions_BxT)
-
-  def _xla_attend(self, layer: int, q_BxTxNxH: jax.Array, positions_BxT: jax.Array) -> jax.Array:
     k_BxKxSxH, v_BxKxSxH, k_positions_S = self.keys_values(layer)
     out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, positions_BxT,
                             k_positions_S[None, :])

@@ -66,6 +66,7 @@ from jinfer import cpu_kernels
 from jinfer.cache.page_allocator import NO_PAGE
 from jinfer.models.attention import attention
 from jinfer.models.config import LlamaConfig
+from jinfer.models.rope import Rope
 from jinfer.quant.kv import dequantize_kv, is_int8, quantize_kv
 
 IntArray = Union[jax.Array, np.ndarray, Sequence[int]]
@@ -167,6 +168,13 @@ class PagedKVCache:
           f"(page_allocator.page_table_array does).")
     # New rows: any packing the old rows had no longer describes them.
     return self.replace(page_tables=page_tables, lengths=lengths, packed_query_starts=None)
+
+  def write_and_attend(self, layer: int, qkv_BxTxKxG2xH: jax.Array, rope: Rope,
+                       positions_BxT: jax.Array) -> tuple[jax.Array, "PagedKVCache"]:
+    """RoPE on the projection's queries and keys, `write`, then `attend`: ([B, T, N, H], cache)."""
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = rope.split_qkv(qkv_BxTxKxG2xH)
+    cache = self.write(layer, k_BxTxKxH, v_BxTxKxH, positions_BxT)
+    return cache.attend(layer, q_BxTxNxH, positions_BxT), cache
 
   def write(self, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
             positions_BxT: jax.Array) -> "PagedKVCache":

@@ -6,8 +6,9 @@ weights to a float32 copy before every dot, so smaller weights decode *slower* t
 `paged_decode_attention` does the same for a paged pool, reading pages in place.
 These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
-int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_attention` fuses a
-decode step's attention over a contiguous cache, which XLA compiles to a dozen small ops.
+int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_rope_attention` fuses
+a decode step's RoPE, cache write and attention over a contiguous cache, which XLA compiles to
+a dozen small ops and a scatter that costs time in proportion to the whole cache.
 
 Each entry point takes the XLA computation it replaces (`fallback`) and uses it when the kernel
 does not apply: on other platforms (chosen per platform at lowering), for more than `MAX_ROWS`
@@ -72,19 +73,32 @@ def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Arra
                packed_NxK2.shape[0], group, fallback, out_dtype)
 
 
-def decode_attention(q_BxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
-                     positions_B: jax.Array, fallback: Callable[[], jax.Array]) -> jax.Array:
-  """Causal attention of one query token per row at `positions` over a contiguous cache that
-  keeps position p in slot p (slots 0..p are visible); [B, N, H] in q's dtype."""
-  target = {jnp.dtype(jnp.float32): "jinfer_decode_attention_f32",
-            jnp.dtype(jnp.bfloat16): "jinfer_decode_attention_bf16"}.get(jnp.dtype(k_BxKxSxH.dtype))
+def decode_rope_attention(qkv_BxKxG2xH: jax.Array, cos_BxHh: jax.Array, sin_BxHh: jax.Array,
+                          k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, positions_B: jax.Array,
+                          fallback: Callable[[], tuple[jax.Array, jax.Array, jax.Array]]
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A decode step's attention from the q/k/v projection [B, K, G + 2, H]: RoPE (cos/sin
+  [B, H/2]) on the queries and keys, the key and value written at each row's position of a
+  contiguous cache that keeps position p in slot p (dropped outside [0, S)), then causal
+  attention over slots 0..p. Returns (out [B, N, H] in qkv's dtype, k cache, v cache); the
+  caches are updated in place (aliased), one slot per row."""
+  target = {jnp.dtype(jnp.float32): "jinfer_decode_rope_attention_f32",
+            jnp.dtype(jnp.bfloat16): "jinfer_decode_rope_attention_bf16"
+            }.get(jnp.dtype(k_BxKxSxH.dtype))
   if target is None or v_BxKxSxH.dtype != k_BxKxSxH.dtype or not build.load():
     return fallback()
+  b, kv_heads, g2, h = qkv_BxKxG2xH.shape
 
   def on_cpu():
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_BxNxH.shape, jnp.float32))(
-        q_BxNxH.astype(jnp.float32), k_BxKxSxH, v_BxKxSxH, positions_B.astype(jnp.int32))
-    return out.astype(q_BxNxH.dtype)
+    out_types = (jax.ShapeDtypeStruct((b, kv_heads * (g2 - 2), h), jnp.float32),
+                 jax.ShapeDtypeStruct(k_BxKxSxH.shape, k_BxKxSxH.dtype),
+                 jax.ShapeDtypeStruct(v_BxKxSxH.shape, v_BxKxSxH.dtype))
+    out, k, v = jax.ffi.ffi_call(target, out_types, input_output_aliases={3: 1, 4: 2})(
+        qkv_BxKxG2xH.astype(jnp.float32), cos_BxHh.astype(jnp.float32),
+        sin_BxHh.astype(jnp.float32), k_BxKxSxH, v_BxKxSxH, positions_B.astype(jnp.int32),
+        # A bfloat16 model rounds RoPE'd queries and keys to bfloat16, as XLA's path does.
+        round_to_bf16=qkv_BxKxG2xH.dtype == jnp.bfloat16)
+    return out.astype(qkv_BxKxG2xH.dtype), k, v
 
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
 
@@ -103,7 +117,8 @@ def has_paged_decode_attention(dtype) -> bool:
 def paged_decode_attention(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
                            v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
                            positions_B: jax.Array, fallback: Callable[[], jax.Array]) -> jax.Array:
-  """`decode_attention` over a paged pool: position p of row b is in page
+  """Decode attention over a paged pool (`decode_rope_attention`'s softmax, without RoPE or
+  the write): position p of row b is in page
   page_tables[b, p // S_page] at slot p % S_page; [B, N, H] in q's dtype."""
   target = _PAGED_DECODE_ATTENTION.get(jnp.dtype(k_pages_KxPxSxH.dtype))
   if target is None or v_pages_KxPxSxH.dtype != k_pages_KxPxSxH.dtype or not build.load():

@@ -33,8 +33,8 @@ TARGETS = {
     "jinfer_matmul_bf16": "JinferMatmulBF16",
     "jinfer_matmul_int8": "JinferMatmulInt8",
     "jinfer_matmul_int4": "JinferMatmulInt4",
-    "jinfer_decode_attention_f32": "JinferDecodeAttentionF32",
-    "jinfer_decode_attention_bf16": "JinferDecodeAttentionBF16",
+    "jinfer_decode_rope_attention_f32": "JinferDecodeRopeAttentionF32",
+    "jinfer_decode_rope_attention_bf16": "JinferDecodeRopeAttentionBF16",
     "jinfer_paged_decode_attention_f32": "JinferPagedDecodeAttentionF32",
     "jinfer_paged_decode_attention_bf16": "JinferPagedDecodeAttentionBF16",
 }

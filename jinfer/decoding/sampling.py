@@ -284,13 +284,28 @@ def filtered_logits(logits_BxV: jax.Array, s: SamplingArrays) -> jax.Array:
   return jnp.where(keep, scaled, -jnp.inf)
 
 
+def greedy_tokens(logits_Bx___xV: jax.Array) -> jax.Array:
+  """jnp.argmax over the last (vocabulary) axis, as int32: the first index of the maximum, or
+  of the first NaN.
+
+  Written as a max, a compare and a min: XLA:CPU compiles argmax's (value, index) reduction to
+  a scalar loop, measured at 3.3 ms of a 16 ms SmolLM2 decode step at batch 8 (49,152 logits
+  per row), against 0.5 ms for this form.
+  """
+  max_Bx___x1 = jnp.max(logits_Bx___xV, axis=-1, keepdims=True)  # NaN if the row holds one
+  hit = (logits_Bx___xV == max_Bx___x1) | jnp.isnan(logits_Bx___xV)
+  vocab = logits_Bx___xV.shape[-1]
+  index = jax.lax.broadcasted_iota(jnp.int32, logits_Bx___xV.shape, logits_Bx___xV.ndim - 1)
+  return jnp.min(jnp.where(hit, index, vocab), axis=-1)
+
+
 def sample(logits_BxV: jax.Array, s: SamplingArrays, step: jax.Array) -> jax.Array:
   """Next token per row: argmax where temperature is 0, else a draw from the filtered softmax.
 
   Row b draws with fold_in(key_b, step[b]) (`step`: [B], or a scalar for every row), so its
   samples depend only on its own seed and how many tokens it has generated.
   """
-  greedy = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  greedy = greedy_tokens(logits_BxV)
 
   def draw(_):
     step_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), s.rng_keys.shape)

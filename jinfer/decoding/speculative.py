@@ -36,7 +36,7 @@ from jinfer.decoding.requests import per_prompt_params, prepare_batch
 from jinfer.decoding.results import Completion, GenerationStats
 from jinfer.decoding.text import SequenceText, finish_reason
 from jinfer.decoding.loop import PAD_TOKEN
-from jinfer.decoding.sampling import SamplingArrays, filtered_logits, sample
+from jinfer.decoding.sampling import SamplingArrays, filtered_logits, greedy_tokens, sample
 from jinfer import sharding, validation
 from jinfer.validation import check_request, is_integer
 from jinfer.models import llama
@@ -157,7 +157,7 @@ def accept(target_logits_BxTxV, drafts_BxK, q_BxKxV, sampling: SamplingArrays, k
   """
   batch, k = drafts_BxK.shape
   rows_B = jnp.arange(batch)
-  greedy_BxT = jnp.argmax(target_logits_BxTxV, axis=-1).astype(jnp.int32)
+  greedy_BxT = greedy_tokens(target_logits_BxTxV)
   greedy_accepted_B = _leading_true(drafts_BxK == greedy_BxT[:, :k])
   greedy_next_B = greedy_BxT[rows_B, greedy_accepted_B]
 
@@ -282,7 +282,7 @@ def _draft_choice(logits_BxV, sampling: SamplingArrays, keys_B):
   """A draft token per row (argmax for greedy rows) and the distribution it was drawn from."""
   filtered_BxV = filtered_logits(logits_BxV, sampling)
   drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
-  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  greedy_B = greedy_tokens(logits_BxV)
   tokens_B = jnp.where(sampling.temperature > 0, drawn_B, greedy_B)
   return tokens_B, jax.nn.softmax(filtered_BxV, axis=-1)
 

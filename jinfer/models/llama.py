@@ -8,10 +8,8 @@ heads, K KV heads, G query heads per KV head, H head dim, F MLP width, V vocabul
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional, Union
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +18,12 @@ from jinfer import cpu_kernels, sharding
 from jinfer.cache.kv_cache import KVCache
 from jinfer.cache.paged_kv_cache import PagedKVCache
 from jinfer.models.attention import attention
-from jinfer.models.config import LlamaConfig, RopeScaling
+from jinfer.models.config import LlamaConfig
+from jinfer.models.rope import Rope, rope_inverse_frequencies
 from jinfer.quant import weights as quant_weights
 
 Params = dict[str, Any]
-Cache = Union[KVCache, PagedKVCache]  # anything with write(layer, k, v, positions), attend
+Cache = Union[KVCache, PagedKVCache]  # anything with write_and_attend(layer, qkv, rope, positions)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -32,57 +31,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return (normed * weight.astype(jnp.float32)).astype(x.dtype)
-
-
-def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
-  """The per-pair RoPE frequencies [H/2], with linear or Llama-3 scaling applied."""
-  exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** exponents)
-  scaling = config.rope_scaling
-  if scaling is None:
-    return inv_freq.astype(np.float32)
-  if scaling.kind == "linear":
-    return (inv_freq / scaling.factor).astype(np.float32)
-  if scaling.kind == "llama3":
-    return _llama3_scaled(inv_freq, scaling).astype(np.float32)
-  raise ValueError(f"Unknown rope scaling kind {scaling.kind!r}; use 'linear' or 'llama3'.")
-
-
-def _llama3_scaled(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
-  """Llama 3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
-  wavelen = 2 * math.pi / inv_freq
-  low_freq_wavelen = s.original_max_position / s.low_freq_factor
-  high_freq_wavelen = s.original_max_position / s.high_freq_factor
-  smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
-      s.high_freq_factor - s.low_freq_factor)
-  ramp = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-  is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
-  return np.where(is_medium, ramp, scaled)
-
-
-@flax.struct.dataclass
-class Rope:
-  """cos/sin of every (position, frequency) angle of a batch, computed once for all layers."""
-
-  cos_BxTxHh: jax.Array
-  sin_BxTxHh: jax.Array
-
-  @classmethod
-  def at(cls, positions_BxT: jax.Array, inv_freq: np.ndarray) -> "Rope":
-    """cos/sin [B, T, H/2] of positions_BxT times each inverse frequency."""
-    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-    return cls(jnp.cos(angles), jnp.sin(angles))
-
-  def apply(self, x_BxTx___xH: jax.Array) -> jax.Array:
-    """Half-rotation RoPE (Hugging Face layout): pairs are (i, i + H/2); any heads dims."""
-    extra = (1,) * (x_BxTx___xH.ndim - 3)
-    b, t, half = self.cos_BxTxHh.shape
-    cos = self.cos_BxTxHh.reshape(b, t, *extra, half)
-    sin = self.sin_BxTxHh.reshape(b, t, *extra, half)
-    x1, x2 = jnp.split(x_BxTx___xH.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BxTx___xH.dtype)
 
 
 def pack_layer(layer: dict[str, Any]) -> dict[str, Any]:
@@ -150,16 +98,14 @@ def _attention_block(config, layer, x_BxTxD, positions_BxT, cache, layer_index, 
   if config.qkv_bias:
     qkv_BxTxKG2H = qkv_BxTxKG2H + layer["b_qkv"]
   qkv_BxTxKxG2xH = qkv_BxTxKG2H.reshape(b, t, config.n_kv_heads, -1, config.head_dim)
-  q = rope.apply(qkv_BxTxKxG2xH[:, :, :, :-2]).reshape(b, t, config.n_heads, config.head_dim)
-  k = rope.apply(qkv_BxTxKxG2xH[:, :, :, -2])
-  v = qkv_BxTxKxG2xH[:, :, :, -1]
   if cache is None:
+    q, k, v = rope.split_qkv(qkv_BxTxKxG2xH)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, K, H] -> [B, K, T, H]
     out_BxTxNxH = attention(q, heads_first(k), heads_first(v), positions_BxT, positions_BxT)
   else:
-    # The cache picks the attention implementation (XLA math or a paged-attention kernel).
-    cache = cache.write(layer_index, k, v, positions_BxT)
-    out_BxTxNxH = cache.attend(layer_index, q, positions_BxT)
+    # The cache applies RoPE, stores k/v and picks the attention implementation (XLA math, a
+    # fused CPU decode kernel, or a paged-attention kernel).
+    out_BxTxNxH, cache = cache.write_and_attend(layer_index, qkv_BxTxKxG2xH, rope, positions_BxT)
   # Row-parallel under tensor parallelism: each shard holds some heads' output columns.
   return sharding.all_reduce(_linear(out_BxTxNxH.reshape(b, t, -1), layer["wo"]), sharded), cache
 
