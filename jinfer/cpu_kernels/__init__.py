@@ -8,7 +8,7 @@ These kernels (kernels.cc) convert in registers instead, so decode time follows 
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
 int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_rope_attention` fuses
 a decode step's RoPE, cache write and attention over a contiguous cache, which XLA compiles to
-a dozen small ops and a scatter that costs time in proportion to the whole cache.
+a dozen small ops and a scatter per layer.
 
 Each entry point takes the XLA computation it replaces (`fallback`) and uses it when the kernel
 does not apply: on other platforms (chosen per platform at lowering), for more than `MAX_ROWS`

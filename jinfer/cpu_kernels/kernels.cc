@@ -37,6 +37,9 @@
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define JINFER_AVX512 1
+#if defined(__AVX512VNNI__)
+#define JINFER_VNNI 1  // int8 dot products (vpdpbusd) for the int4 kernel
+#endif
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -489,6 +492,167 @@ inline void Int4DotFourRows(const float* xs, int64_t K, const uint8_t* const* ro
 #endif
 }
 
+#ifdef JINFER_VNNI
+// x rows for the int4 kernel's integer dot products. Each block of 32 inputs is stored as two
+// int8 levels, x ~ d * (q1 + q2 / 256) with d = max|x| / 127: q1 rounds x / d, q2 rounds the
+// remainder in 256ths of d, so each input keeps about 15 bits, close to float accuracy (plain
+// int8 activations, as llama.cpp's Q8 blocks, would keep 8). Layout, per 128 inputs (a "quad"
+// of 4 blocks, matching one 64-byte load of packed codes whose low nibbles are the even
+// inputs and high nibbles the odd ones): q1 of the even inputs (16 per block, block after
+// block), q1 of the odd inputs, then q2 likewise; 256 bytes per quad. lane_scales holds d / 256
+// for each block's 4 lanes of a vpdpbusd result. K is padded to whole quads with zeros.
+struct TwoLevelX {
+  int64_t quads;
+  std::vector<int8_t> codes;        // [M, quads, 256]
+  std::vector<float> lane_scales;   // [M, quads, 16]
+  int64_t padded_groups;            // G rounded up to 16
+  std::vector<float> group_sums;    // [M, padded_groups]: sums of the represented x per group
+};
+
+// q1 and q2 of 16 inputs already scaled by 1 / d, stored as 16 bytes each; returns the sum of
+// what they represent, in units of d.
+inline __m512 StoreTwoLevel(__m512 scaled, int8_t* q1_out, int8_t* q2_out) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 q1 = _mm512_roundscale_ps(scaled, kNearest);
+  const __m512 q2 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
+      _mm512_mul_ps(_mm512_sub_ps(scaled, q1), _mm512_set1_ps(256.0f)), kNearest),
+      _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q1_out), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q1)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q2_out), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q2)));
+  return _mm512_fmadd_ps(q2, _mm512_set1_ps(1.0f / 256.0f), q1);
+}
+
+TwoLevelX QuantizeTwoLevel(const float* x, int64_t M, int64_t K, int64_t group) {
+  TwoLevelX out;
+  out.quads = (K + 127) / 128;
+  out.codes.assign(M * out.quads * 256, 0);
+  out.lane_scales.assign(M * out.quads * 16, 0.0f);
+  out.padded_groups = (K / group + 15) / 16 * 16;
+  out.group_sums.assign(M * out.padded_groups, 0.0f);
+  const __m512i even_index = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_index = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512 sign_bit = _mm512_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const __m512 x0 = _mm512_loadu_ps(x + m * K + b * 32);
+      const __m512 x1 = _mm512_loadu_ps(x + m * K + b * 32 + 16);
+      const float amax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_andnot_ps(sign_bit, x0), _mm512_andnot_ps(sign_bit, x1)));
+      const float d = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const int64_t quad = b / 4, slot = b % 4;
+      // Input 2i is the low nibble of byte i: even inputs first, then odd, per level.
+      int8_t* q = out.codes.data() + (m * out.quads + quad) * 256 + slot * 16;
+      const __m512 even = _mm512_mul_ps(_mm512_permutex2var_ps(x0, even_index, x1), inv);
+      const __m512 odd = _mm512_mul_ps(_mm512_permutex2var_ps(x0, odd_index, x1), inv);
+      const __m512 represented = _mm512_add_ps(StoreTwoLevel(even, q, q + 128),
+                                               StoreTwoLevel(odd, q + 64, q + 192));
+      _mm_storeu_ps(out.lane_scales.data() + (m * out.quads + quad) * 16 + slot * 4,
+                    _mm_set1_ps(d / 256.0f));
+      out.group_sums[m * out.padded_groups + b * 32 / group] +=
+          d * _mm512_reduce_add_ps(represented);
+    }
+  }
+  return out;
+}
+
+// R int4 weight rows times MT two-level x rows, integer dot products per quad (128 inputs):
+// per quad and weight row one 64-byte load of codes split into nibbles, per (row, x row)
+// four vpdpbusd (codes x q1 even/odd, shifted by 8 bits, codes x q2 even/odd) whose 16 int32
+// lanes (4 per block) are converted once and scaled by the block's weight scale times d / 256.
+// block_scales[r]: row r's scale of each 32-input block, zero-padded to whole quads. The
+// offsets' term, sum_g offset[g] * sum of x over group g, joins the same accumulators
+// (offsets[r]: row r's, zero-padded to x.padded_groups).
+template <int R, int MT>
+inline void Int4DotVnni(const TwoLevelX& x, int64_t m0, const uint8_t* const* rows,
+                        int64_t row_bytes, const float* const* block_scales,
+                        const float* const* offsets, float* out) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const int64_t quads = x.quads, full = row_bytes / 64;
+  const __mmask64 tail = (row_bytes % 64) ? (~0ULL >> (64 - row_bytes % 64)) : ~0ULL;
+  __m512 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i lo[R], hi[R];
+    __m512 w_scale[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = rows[r] + q * 64;
+      PrefetchAhead(p);
+      const __m512i codes = q < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
+      lo[r] = _mm512_and_si512(codes, nibble);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+      w_scale[r] = _mm512_permutexvar_ps(
+          spread, _mm512_castps128_ps512(_mm_loadu_ps(block_scales[r] + 4 * q)));
+    }
+    for (int i = 0; i < MT; ++i) {
+      const int8_t* xq = x.codes.data() + ((m0 + i) * quads + q) * 256;
+      const __m512i even1 = _mm512_loadu_si512(xq), odd1 = _mm512_loadu_si512(xq + 64);
+      const __m512i even2 = _mm512_loadu_si512(xq + 128), odd2 = _mm512_loadu_si512(xq + 192);
+      const __m512 x_scale = _mm512_loadu_ps(x.lane_scales.data() + ((m0 + i) * quads + q) * 16);
+      for (int r = 0; r < R; ++r) {
+        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], even1);
+        sum = _mm512_slli_epi32(_mm512_dpbusd_epi32(sum, hi[r], odd1), 8);
+        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, lo[r], even2), hi[r], odd2);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w_scale[r], x_scale),
+                                    acc[r][i]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < x.padded_groups; g += 16) {
+    for (int i = 0; i < MT; ++i) {
+      const __m512 sums = _mm512_loadu_ps(x.group_sums.data() + (m0 + i) * x.padded_groups + g);
+      for (int r = 0; r < R; ++r)
+        acc[r][i] = _mm512_fmadd_ps(_mm512_loadu_ps(offsets[r] + g), sums, acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MT; ++i) out[r * MT + i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// Every x row against rows [n0, n1): weight rows by R (4 at one x row, where independent
+// accumulators hide latency; 2 with x rows in tiles of 4, one code split for 4 x rows).
+template <int R>
+void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                  const uint8_t* wp, const uint16_t* sp, const uint16_t* op, int64_t G,
+                  float* yp) {
+  const int64_t group = K / G, blocks = x.quads * 4;
+  const int64_t padded_groups = x.padded_groups;
+  std::vector<float> scales(R * blocks, 0.0f), offsets(R * padded_groups, 0.0f), halves(G);
+  float out[R * 4];
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    const uint8_t* rows[R];
+    const float* block_scales[R];
+    const float* row_offsets[R];
+    for (int r = 0; r < R; ++r) {
+      rows[r] = wp + (n + r) * (K / 2);
+      block_scales[r] = scales.data() + r * blocks;
+      if (group == 32) {
+        HalvesToFloats(sp + (n + r) * G, G, scales.data() + r * blocks);
+      } else {  // each group's scale for each of its blocks
+        HalvesToFloats(sp + (n + r) * G, G, halves.data());
+        for (int64_t g = 0; g < G; ++g)
+          std::fill_n(scales.data() + r * blocks + g * (group / 32), group / 32, halves[g]);
+      }
+      HalvesToFloats(op + (n + r) * G, G, offsets.data() + r * padded_groups);
+      row_offsets[r] = offsets.data() + r * padded_groups;
+    }
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mt = std::min<int64_t>(4, M - m);
+      switch (mt) {
+        case 4: Int4DotVnni<R, 4>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        case 3: Int4DotVnni<R, 3>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        case 2: Int4DotVnni<R, 2>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        default: Int4DotVnni<R, 1>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+      }
+      for (int r = 0; r < R; ++r)
+        for (int64_t i = 0; i < mt; ++i) yp[(m + i) * N + n + r] = out[r * mt + i];
+    }
+  }
+}
+#endif  // JINFER_VNNI
+
 // int4: w[n, k] = code * scale[n, g] + offset[n, g], scales and offsets float16. The offsets
 // term is offset[n, g] * sum_{k in g} x[m, k], so per-group sums of x are taken once per call.
 // Within each 32-input block x is reordered to [16 even inputs, 16 odd inputs] so the low and
@@ -504,6 +668,30 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int4 matmul: group % 32 != 0");
   if (G > kMaxGroups) return ffi::Error::InvalidArgument("jinfer int4 matmul: too many groups");
   const float* xp = x.typed_data();
+  const uint8_t* wp = codes.typed_data();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.untyped_data());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.untyped_data());
+  float* yp = y->typed_data();
+#ifdef JINFER_VNNI
+  {
+    const TwoLevelX xq = QuantizeTwoLevel(xp, M, K, group);
+    const TwoLevelX* xqp = &xq;
+    ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
+      int64_t n = n0;
+      if (M == 1) {
+        const int64_t n4 = n0 + (n1 - n0) / 4 * 4;
+        Int4RowsVnni<4>(*xqp, M, K, N, n, n4, wp, sp, op, G, yp);
+        n = n4;
+      } else {
+        const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
+        Int4RowsVnni<2>(*xqp, M, K, N, n, n2, wp, sp, op, G, yp);
+        n = n2;
+      }
+      Int4RowsVnni<1>(*xqp, M, K, N, n, n1, wp, sp, op, G, yp);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   // Plain locals: ParallelFor returns only after every claimed chunk is done.
   std::vector<float> shuffled(M * K), group_sums(M * G, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
@@ -515,10 +703,6 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   }
   const float* xs = shuffled.data();
   const float* sums = group_sums.data();
-  const uint8_t* wp = codes.typed_data();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.untyped_data());
-  const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.untyped_data());
-  float* yp = y->typed_data();
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
     float out[kRowTile];
     float row_scales[4 * kMaxGroups], row_offsets[kMaxGroups];
@@ -561,16 +745,18 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// q . k over H inputs, and out += p * v: with AVX-512 16 lanes at a time when H divides by 16.
+// Per-thread scratch floats that keep their memory between calls: the attention kernels run a
+// chunk per (row, KV head), and need not allocate and zero G * S floats for each.
+inline float* Scratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& buffer = buffers[which];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Scalar (portable) attention pieces: q . k over H inputs, and out += p * v.
 template <typename Row>
 inline float Dot(const float* q, const Row& k, int64_t H) {
-#ifdef JINFER_AVX512
-  if (H % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t h = 0; h < H; h += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h), k.Load16(h), acc);
-    return _mm512_reduce_add_ps(acc);
-  }
-#endif
   float dot = 0.0f;
   for (int64_t h = 0; h < H; ++h) dot += q[h] * k.At(h);
   return dot;
@@ -578,23 +764,105 @@ inline float Dot(const float* q, const Row& k, int64_t H) {
 
 template <typename Row>
 inline void AddScaled(float p, const Row& v, int64_t H, float* out) {
-#ifdef JINFER_AVX512
-  if (H % 16 == 0) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t h = 0; h < H; h += 16)
-      _mm512_storeu_ps(out + h, _mm512_fmadd_ps(pv, v.Load16(h), _mm512_loadu_ps(out + h)));
-    return;
-  }
-#endif
   for (int64_t h = 0; h < H; ++h) out[h] += p * v.At(h);
 }
 
-// out[b, n, :] = softmax_s(q[b, n] . k[b, kv, s] / sqrt(H)) @ v[b, kv, :, :] over slots
-// s < visible, kv = n / (N / K); k_at(s) / v_at(s) give the H elements of slot s.
+#ifdef JINFER_AVX512
+// e^x for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and 2^f, |f| <= 1/2, by a
+// degree-6 polynomial (relative error about 2e-7). Arguments below -87 give 0.
+inline __m512 Exp16(__m512 x) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                 _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, kNearest);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f,
+                        6.9314718e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The AVX-512 path of AttendOneHead for H % 64 == 0 and G <= kMaxGroupsInRegisters: every key
+// and value row is loaded (and, for bfloat16, widened) once for all G query heads; the scores'
+// exponentials run 16 at a time; the weighted sum of values stays in registers, 64 columns and
+// up to 4 heads at a time, and is normalised once at the end.
+constexpr int64_t kMaxGroupsInRegisters = 8;
+
+template <typename Row, typename KeyAt, typename ValueAt>
+void AttendOneHeadAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
+                         int64_t visible, int64_t H, float* out_GxH, float* scores_GxS) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  for (int64_t s = 0; s < visible; ++s) {
+    const Row k{k_at(s)};
+    __m512 acc[kMaxGroupsInRegisters];
+    for (int64_t g = 0; g < groups; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t h = 0; h < H; h += 16) {
+      const __m512 key = k.Load16(h);
+      for (int64_t g = 0; g < groups; ++g)
+        acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q_GxH + g * H + h), key, acc[g]);
+    }
+    for (int64_t g = 0; g < groups; ++g) scores_GxS[g * visible + s] = _mm512_reduce_add_ps(acc[g]) * scale;
+  }
+  float inv_total[kMaxGroupsInRegisters];
+  for (int64_t g = 0; g < groups; ++g) {
+    float* row = scores_GxS + g * visible;
+    __m512 max16 = _mm512_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 16 <= visible; s += 16) max16 = _mm512_max_ps(max16, _mm512_loadu_ps(row + s));
+    float max_score = _mm512_reduce_max_ps(max16);
+    for (; s < visible; ++s) max_score = std::max(max_score, row[s]);
+    const __m512 shift = _mm512_set1_ps(max_score);
+    __m512 total16 = _mm512_setzero_ps();
+    for (s = 0; s < visible; s += 16) {
+      const __mmask16 live = visible - s >= 16 ? 0xFFFF : (1u << (visible - s)) - 1;
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + s), shift));
+      _mm512_mask_storeu_ps(row + s, live, e);
+      total16 = _mm512_add_ps(total16, _mm512_maskz_mov_ps(live, e));
+    }
+    inv_total[g] = 1.0f / _mm512_reduce_add_ps(total16);
+  }
+  for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+    const int64_t gn = std::min<int64_t>(4, groups - g0);
+    for (int64_t h = 0; h < H; h += 64) {
+      __m512 acc[4][4];
+      for (int64_t g = 0; g < gn; ++g)
+        for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < visible; ++s) {
+        const Row v{v_at(s)};
+        const __m512 v0 = v.Load16(h), v1 = v.Load16(h + 16), v2 = v.Load16(h + 32),
+                     v3 = v.Load16(h + 48);
+        for (int64_t g = 0; g < gn; ++g) {
+          const __m512 weight = _mm512_set1_ps(scores_GxS[(g0 + g) * visible + s]);
+          acc[g][0] = _mm512_fmadd_ps(weight, v0, acc[g][0]);
+          acc[g][1] = _mm512_fmadd_ps(weight, v1, acc[g][1]);
+          acc[g][2] = _mm512_fmadd_ps(weight, v2, acc[g][2]);
+          acc[g][3] = _mm512_fmadd_ps(weight, v3, acc[g][3]);
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g) {
+        const __m512 norm = _mm512_set1_ps(inv_total[g0 + g]);
+        for (int c = 0; c < 4; ++c)
+          _mm512_storeu_ps(out_GxH + (g0 + g) * H + h + c * 16, _mm512_mul_ps(acc[g][c], norm));
+      }
+    }
+  }
+}
+#endif
+
+// out[g, :] = softmax_s(q[g] . k[s] / sqrt(H)) @ v over slots s < visible, for the G query heads
+// of one KV head; k_at(s) / v_at(s) give the H elements of slot s. scores_GxS holds G * visible.
 template <typename Row, typename KeyAt, typename ValueAt>
 void AttendOneHead(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
-                   int64_t visible, int64_t H, float* out_GxH, float* scores) {
+                   int64_t visible, int64_t H, float* out_GxH, float* scores_GxS) {
+#ifdef JINFER_AVX512
+  if (H % 64 == 0 && groups <= kMaxGroupsInRegisters) {
+    AttendOneHeadAvx512<Row>(q_GxH, k_at, v_at, groups, visible, H, out_GxH, scores_GxS);
+    return;
+  }
+#endif
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  float* scores = scores_GxS;
   for (int64_t g = 0; g < groups; ++g) {
     const float* q = q_GxH + g * H;
     float* out = out_GxH + g * H;
@@ -659,8 +927,7 @@ inline void RotateHalf(const float* x, const float* cos, const float* sin, int64
 // (cos/sin [B, H/2] of the row's position), the key and value stored in the cache at the row's
 // position (dropped outside [0, S), as XLA's scatter mode="drop"), then DecodeAttention's
 // softmax over slots 0..position. The caches are aliased outputs: each step writes one slot
-// in place, where XLA:CPU's scatter cost time in proportion to the whole [B, K, S, H] buffer
-// (measured: 48 us per layer and cache at S = 2048, batch 8).
+// in place.
 template <ffi::DataType D, typename Row, typename Elem>
 ffi::Error DecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                                ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
@@ -690,18 +957,20 @@ ffi::Error DecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   float* op = out->typed_data();
   const int64_t N = K * groups;
   auto heads = [=](int64_t begin, int64_t end) {
-    std::vector<float> scores(S), q_GxH(groups * H), k_H(H);
+    float* scores = Scratch(0, groups * S);
+    float* q_GxH = Scratch(1, groups * H);
+    float* k_H = Scratch(2, H);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / K, kv = bk % K;
       const float* src = qkvp + bk * (groups + 2) * H;  // [G + 2, H] of (row b, KV head kv)
       const float* c = cosp + b * (H / 2);
       const float* s = sinp + b * (H / 2);
       for (int64_t g = 0; g < groups; ++g)
-        RotateHalf(src + g * H, c, s, H, round_to_bf16, q_GxH.data() + g * H);
+        RotateHalf(src + g * H, c, s, H, round_to_bf16, q_GxH + g * H);
       Elem* k_SxH = kp + bk * S * H;
       Elem* v_SxH = vp + bk * S * H;
       if (pos[b] >= 0 && pos[b] < S) {
-        RotateHalf(src + groups * H, c, s, H, round_to_bf16, k_H.data());
+        RotateHalf(src + groups * H, c, s, H, round_to_bf16, k_H);
         const float* v_H = src + (groups + 1) * H;
         for (int64_t h = 0; h < H; ++h) {
           StoreElem(k_H[h], k_SxH + pos[b] * H + h);
@@ -710,9 +979,9 @@ ffi::Error DecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       }
       // A padding row (position < 0) sees slot 0 only: finite values, discarded by the caller.
       const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, S);
-      AttendOneHead<Row>(q_GxH.data(), [=](int64_t t) { return k_SxH + t * H; },
+      AttendOneHead<Row>(q_GxH, [=](int64_t t) { return k_SxH + t * H; },
                          [=](int64_t t) { return v_SxH + t * H; }, groups, visible, H,
-                         op + (b * N + kv * groups) * H, scores.data());
+                         op + (b * N + kv * groups) * H, scores);
     }
   };
   int64_t work = 0;
@@ -745,7 +1014,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int32_t* pos = positions.typed_data();
   float* op = out->typed_data();
   auto heads = [=](int64_t begin, int64_t end) {
-    std::vector<float> scores(M * Sp);
+    float* scores = Scratch(0, groups * M * Sp);
     const std::vector<Elem> zeros(H, Elem{0});
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / K, kv = bk % K;
@@ -759,7 +1028,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         };
       };
       AttendOneHead<Row>(qp + (b * N + kv * groups) * H, at(kp), at(vp), groups, visible, H,
-                         op + (b * N + kv * groups) * H, scores.data());
+                         op + (b * N + kv * groups) * H, scores);
     }
   };
   int64_t work = 0;
