@@ -229,29 +229,46 @@ def test_long_context_decode_is_split_across_threads():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_paged_decode_attention_matches_the_gather_path(dtype):
-  """Against PagedKVCache's XLA path (gather every page, mask): shuffled pages, NaN in every
-  page no row holds, a row on a NO_PAGE table entry, rows of different lengths."""
+def test_paged_decode_rope_attention_matches_the_unfused_path(dtype):
+  """Against PagedKVCache's XLA path (RoPE, scatter, gather every page, mask): shuffled pages,
+  NaN in every page no row holds, a row on a NO_PAGE entry (its write dropped, zeros read), a
+  padding row (-1), and rows 3-5 the consecutive tokens of one sequence sharing a table (an
+  engine's packed prefill: each token must see the ones before it, written in the same call)."""
   from jinfer.cache.paged_kv_cache import PagedKVCache  # pylint: disable=g-import-not-at-top
-  kv_heads, groups, page_size, head_dim, num_pages = 2, 3, 4, 64, 12
-  tables = np.array([[7, 2, 9, 0], [5, 11, -1, -1], [3, -1, -1, -1]], np.int32)
-  positions = jnp.array([13, 9, 0])  # row 1 reads a NO_PAGE entry: zeros on both paths
-  q = _normal(3, kv_heads * groups, head_dim).astype(dtype)
+  kv_heads, groups, page_size, head_dim, num_pages = 2, 3, 4, 64, 14
+  tables = np.array([[7, 2, 9, 0], [5, 11, -1, -1], [3, -1, -1, -1], [12, 13, -1, -1],
+                     [12, 13, -1, -1], [12, 13, -1, -1], [1, -1, -1, -1]], np.int32)
+  positions = jnp.array([13, 9, 0, 4, 5, 6, -1])
+  qkv = _normal(7, kv_heads, groups + 2, head_dim).astype(dtype)
+  rope = Rope.at(positions[:, None], np.linspace(1.0, 1e-3, head_dim // 2, dtype=np.float32))
   pool = lambda: np.array(_normal(kv_heads, num_pages, page_size, head_dim))
   k_pages, v_pages = pool(), pool()
   unused = [p for p in range(num_pages) if p not in tables]
   k_pages[:, unused], v_pages[:, unused] = np.nan, np.nan
   k_pages, v_pages = jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype)
   cache = PagedKVCache(k_pages=(k_pages,), v_pages=(v_pages,), k_scales=(), v_scales=(),
-                       page_tables=jnp.asarray(tables), lengths=positions + 1)
-  want = cache._gather_attend(0, q[:, None], positions[:, None])[:, 0]
-  fn = lambda *a: cpu_kernels.paged_decode_attention(*a, fallback=_wrong(q))
-  args = (q, k_pages, v_pages, jnp.asarray(tables), positions)
-  assert "jinfer_paged_decode_attention" in _lowered_text(fn, *args)
-  got = jax.jit(fn)(*args)
-  assert got.dtype == dtype and bool(jnp.isfinite(got.astype(jnp.float32)).all())
+                       page_tables=jnp.asarray(tables), lengths=jnp.maximum(positions, 0))
+  q, k, v = rope.split_qkv(qkv[:, None])
+  want_cache = cache.write(0, k, v, positions[:, None])
+  want = want_cache._gather_attend(0, q, positions[:, None])[:, 0]
+  fn = lambda *a: cpu_kernels.paged_decode_rope_attention(
+      *a, fallback=_wrong_decode(qkv, k_pages, v_pages))
+  args = (qkv, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k_pages, v_pages,
+          jnp.asarray(tables), positions)
+  assert "jinfer_paged_decode_rope_attention" in _lowered_text(fn, *args)
+  got, got_k, got_v = jax.jit(fn)(*args)
+  assert got.dtype == dtype and bool(jnp.isfinite(got[:6].astype(jnp.float32)).all())
   tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
+  np.testing.assert_allclose(got[:6].astype(jnp.float32), want[:6].astype(jnp.float32),
+                             atol=tolerance)
+  used = sorted({int(p) for p in tables.ravel() if p >= 0})
+  np.testing.assert_allclose(got_k[:, used].astype(jnp.float32),
+                             want_cache.k_pages[0][:, used].astype(jnp.float32), atol=tolerance)
+  np.testing.assert_array_equal(got_v[:, used], want_cache.v_pages[0][:, used])
+  # The write through the cache advances the rows' lengths as `write` does.
+  view = cache.replace(lengths=jnp.zeros_like(cache.lengths))
+  _, fused_cache = view.write_and_attend(0, qkv[:, None], rope, positions[:, None])
+  np.testing.assert_array_equal(fused_cache.lengths, view.write(0, k, v, positions[:, None]).lengths)
 
 
 @needs_kernels

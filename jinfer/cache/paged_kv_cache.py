@@ -47,8 +47,9 @@ unchanged. `keys_values` gathers each row's pages into a contiguous [B, K, S, H]
 pure-XLA path. With the static `attention_impl="pallas"`, `attend` runs one-token (decode)
 queries through the Pallas paged-attention kernel instead, which reads the pages in place
 (compiled on TPU/GPU, interpret mode on CPU); multi-token queries (prefill) use the gather path.
-With "xla" on CPU, one-token queries over float pools run jinfer's native paged decode
-attention (`cpu_kernels.paged_decode_attention`), which also reads pages in place. A view whose
+With "xla" on CPU, one-token rows over float pools run RoPE, the write and attention as one
+native kernel (`write_and_attend`, `cpu_kernels.paged_decode_rope_attention`), which also reads
+pages in place. A view whose
 one-token rows are packed prefill chunks (`packed_query_starts`, set by the engine) goes through
 the ragged paged-attention kernel with "pallas" (`pallas_kernels.ragged_attention`).
 """
@@ -145,7 +146,8 @@ class PagedKVCache:
     path copies the whole table's pages first."""
     if self.attention_impl == "pallas":
       return True
-    return not self.quantized and cpu_kernels.has_paged_decode_attention(self.k_pages[0].dtype)
+    return (not self.quantized
+            and cpu_kernels.has_paged_decode_rope_attention(self.k_pages[0].dtype))
 
   @property
   def max_pages_per_seq(self) -> int:
@@ -171,10 +173,30 @@ class PagedKVCache:
 
   def write_and_attend(self, layer: int, qkv_BxTxKxG2xH: jax.Array, rope: Rope,
                        positions_BxT: jax.Array) -> tuple[jax.Array, "PagedKVCache"]:
-    """RoPE on the projection's queries and keys, `write`, then `attend`: ([B, T, N, H], cache)."""
-    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = rope.split_qkv(qkv_BxTxKxG2xH)
-    cache = self.write(layer, k_BxTxKxH, v_BxTxKxH, positions_BxT)
-    return cache.attend(layer, q_BxTxNxH, positions_BxT), cache
+    """RoPE on the projection's queries and keys, `write`, then `attend`: ([B, T, N, H], cache).
+
+    One-token rows over float pools with attention_impl "xla" run as one CPU kernel
+    (`cpu_kernels.paged_decode_rope_attention`: no RoPE, scatter or gather ops per layer, and
+    the pages written in place).
+    """
+    def unfused():
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = rope.split_qkv(qkv_BxTxKxG2xH)
+      cache = self.write(layer, k_BxTxKxH, v_BxTxKxH, positions_BxT)
+      return cache.attend(layer, q_BxTxNxH, positions_BxT), cache
+
+    if (qkv_BxTxKxG2xH.shape[1] != 1 or self.quantized or self.attention_impl == "pallas"):
+      return unfused()
+
+    def fallback():
+      out_BxTxNxH, cache = unfused()
+      return out_BxTxNxH[:, 0], cache.k_pages[layer], cache.v_pages[layer]
+
+    out_BxNxH, k_pages, v_pages = cpu_kernels.paged_decode_rope_attention(
+        qkv_BxTxKxG2xH[:, 0], rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], self.k_pages[layer],
+        self.v_pages[layer], self.page_tables, positions_BxT[:, 0], fallback=fallback)
+    return out_BxNxH[:, None], self._advance(positions_BxT).replace(
+        k_pages=_replace_at(self.k_pages, layer, k_pages),
+        v_pages=_replace_at(self.v_pages, layer, v_pages))
 
   def write(self, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
             positions_BxT: jax.Array) -> "PagedKVCache":
@@ -192,8 +214,7 @@ class PagedKVCache:
     # Adjacent advanced indices: the update is indexed [K, B, T, (H)].
     put = lambda pool, update: pool.at[:, page_BxT, slot_BxT].set(
         heads_first(update).astype(pool.dtype), mode="drop")
-    written_B = jnp.max(jnp.where(valid_BxT, positions_BxT + 1, 0), axis=1)
-    cache = self.replace(lengths=jnp.maximum(self.lengths, written_B.astype(jnp.int32)))
+    cache = self._advance(positions_BxT)
     if not self.quantized:
       return cache.replace(
           k_pages=_replace_at(self.k_pages, layer, put(self.k_pages[layer], k_BxTxKxH)),
@@ -256,11 +277,6 @@ class PagedKVCache:
           q_BxTxNxH[:, 0], self.k_pages[layer], self.v_pages[layer], self.page_tables,
           positions_BxT[:, 0] + 1, backend=backend, interpret=interpret, **scales)
       return out_BxNxH[:, None]
-    if q_BxTxNxH.shape[1] == 1 and not self.quantized:  # a decode step: the fused CPU kernel
-      return cpu_kernels.paged_decode_attention(
-          q_BxTxNxH[:, 0], self.k_pages[layer], self.v_pages[layer], self.page_tables,
-          positions_BxT[:, 0],
-          fallback=lambda: self._gather_attend(layer, q_BxTxNxH, positions_BxT)[:, 0])[:, None]
     return self._gather_attend(layer, q_BxTxNxH, positions_BxT)
 
   def _ragged_attend(self, layer: int, q_TxNxH: jax.Array, positions_T: jax.Array) -> jax.Array:
@@ -309,6 +325,12 @@ class PagedKVCache:
                         v_pages=tuple(map(copy, self.v_pages)),
                         k_scales=tuple(map(copy, self.k_scales)),
                         v_scales=tuple(map(copy, self.v_scales)))
+
+  def _advance(self, positions_BxT: jax.Array) -> "PagedKVCache":
+    """This cache with each row's length past the last position it writes."""
+    _, _, valid_BxT = self._locate(positions_BxT)
+    written_B = jnp.max(jnp.where(valid_BxT, positions_BxT + 1, 0), axis=1)
+    return self.replace(lengths=jnp.maximum(self.lengths, written_B.astype(jnp.int32)))
 
   def _locate(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(page id, slot in page, writable?) of each position of each row."""

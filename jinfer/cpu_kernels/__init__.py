@@ -3,7 +3,7 @@ XLA through its FFI.
 
 XLA:CPU reads float32 weights at near memory bandwidth but converts int8, int4 and bfloat16
 weights to a float32 copy before every dot, so smaller weights decode *slower* than float32.
-`paged_decode_attention` does the same for a paged pool, reading pages in place.
+`paged_decode_rope_attention` does the same for a paged pool, reading pages in place.
 These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
 int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_rope_attention` fuses
@@ -103,32 +103,44 @@ def decode_rope_attention(qkv_BxKxG2xH: jax.Array, cos_BxHh: jax.Array, sin_BxHh
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
 
 
-_PAGED_DECODE_ATTENTION = {jnp.dtype(jnp.float32): "jinfer_paged_decode_attention_f32",
-                           jnp.dtype(jnp.bfloat16): "jinfer_paged_decode_attention_bf16"}
+_PAGED_DECODE_ROPE_ATTENTION = {
+    jnp.dtype(jnp.float32): "jinfer_paged_decode_rope_attention_f32",
+    jnp.dtype(jnp.bfloat16): "jinfer_paged_decode_rope_attention_bf16"}
 
 
-def has_paged_decode_attention(dtype) -> bool:
-  """Whether `paged_decode_attention` runs the kernel (not its fallback) for pools of `dtype`
-  on this process's default backend."""
-  return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in _PAGED_DECODE_ATTENTION
+def has_paged_decode_rope_attention(dtype) -> bool:
+  """Whether `paged_decode_rope_attention` runs the kernel (not its fallback) for pools of
+  `dtype` on this process's default backend."""
+  return (jax.default_backend() == "cpu" and jnp.dtype(dtype) in _PAGED_DECODE_ROPE_ATTENTION
           and build.load())
 
 
-def paged_decode_attention(q_BxNxH: jax.Array, k_pages_KxPxSxH: jax.Array,
-                           v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
-                           positions_B: jax.Array, fallback: Callable[[], jax.Array]) -> jax.Array:
-  """Decode attention over a paged pool (`decode_rope_attention`'s softmax, without RoPE or
-  the write): position p of row b is in page
-  page_tables[b, p // S_page] at slot p % S_page; [B, N, H] in q's dtype."""
-  target = _PAGED_DECODE_ATTENTION.get(jnp.dtype(k_pages_KxPxSxH.dtype))
+def paged_decode_rope_attention(qkv_BxKxG2xH: jax.Array, cos_BxHh: jax.Array,
+                                sin_BxHh: jax.Array, k_pages_KxPxSxH: jax.Array,
+                                v_pages_KxPxSxH: jax.Array, page_tables_BxM: jax.Array,
+                                positions_B: jax.Array,
+                                fallback: Callable[[], tuple[jax.Array, jax.Array, jax.Array]]
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`decode_rope_attention` over a paged pool: position p of row b is in page
+  page_tables[b, p // S_page] at slot p % S_page (a write to an entry holding no page is
+  dropped; a read of one gives zeros). Every row's key and value are written before any row
+  attends, so rows may be the tokens of one sequence (an engine's packed prefill). Returns
+  (out [B, N, H] in qkv's dtype, k pool, v pool), the pools updated in place."""
+  target = _PAGED_DECODE_ROPE_ATTENTION.get(jnp.dtype(k_pages_KxPxSxH.dtype))
   if target is None or v_pages_KxPxSxH.dtype != k_pages_KxPxSxH.dtype or not build.load():
     return fallback()
+  b, kv_heads, g2, h = qkv_BxKxG2xH.shape
 
   def on_cpu():
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q_BxNxH.shape, jnp.float32))(
-        q_BxNxH.astype(jnp.float32), k_pages_KxPxSxH, v_pages_KxPxSxH,
-        page_tables_BxM.astype(jnp.int32), positions_B.astype(jnp.int32))
-    return out.astype(q_BxNxH.dtype)
+    out_types = (jax.ShapeDtypeStruct((b, kv_heads * (g2 - 2), h), jnp.float32),
+                 jax.ShapeDtypeStruct(k_pages_KxPxSxH.shape, k_pages_KxPxSxH.dtype),
+                 jax.ShapeDtypeStruct(v_pages_KxPxSxH.shape, v_pages_KxPxSxH.dtype))
+    out, k, v = jax.ffi.ffi_call(target, out_types, input_output_aliases={3: 1, 4: 2})(
+        qkv_BxKxG2xH.astype(jnp.float32), cos_BxHh.astype(jnp.float32),
+        sin_BxHh.astype(jnp.float32), k_pages_KxPxSxH, v_pages_KxPxSxH,
+        page_tables_BxM.astype(jnp.int32), positions_B.astype(jnp.int32),
+        round_to_bf16=qkv_BxKxG2xH.dtype == jnp.bfloat16)
+    return out.astype(qkv_BxKxG2xH.dtype), k, v
 
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
 

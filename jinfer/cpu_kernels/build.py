@@ -35,8 +35,8 @@ TARGETS = {
     "jinfer_matmul_int4": "JinferMatmulInt4",
     "jinfer_decode_rope_attention_f32": "JinferDecodeRopeAttentionF32",
     "jinfer_decode_rope_attention_bf16": "JinferDecodeRopeAttentionBF16",
-    "jinfer_paged_decode_attention_f32": "JinferPagedDecodeAttentionF32",
-    "jinfer_paged_decode_attention_bf16": "JinferPagedDecodeAttentionBF16",
+    "jinfer_paged_decode_rope_attention_f32": "JinferPagedDecodeRopeAttentionF32",
+    "jinfer_paged_decode_rope_attention_bf16": "JinferPagedDecodeRopeAttentionBF16",
 }
 DISABLE_ENV = "JINFER_CPU_KERNELS"  # set to 0 to keep XLA's own ops
 

@@ -921,13 +921,95 @@ inline void RotateHalf(const float* x, const float* cos, const float* sin, int64
   }
 }
 
+// Where a cache keeps slot s of (row b, KV head kv): contiguous [B, K, S, H] buffers, or paged
+// pools [K, P, S_page, H] with page tables [B, M] (slot s of row b in page tables[b, s / S_page]
+// at s % S_page; an entry holding no page, NO_PAGE or any id outside the pool, gives null).
+template <typename Elem>
+struct ContiguousSlots {
+  Elem* base;
+  int64_t K, S, H;
+  int64_t capacity() const { return S; }
+  Elem* at(int64_t b, int64_t kv, int64_t s) const { return base + ((b * K + kv) * S + s) * H; }
+};
+
+template <typename Elem>
+struct PagedSlots {
+  Elem* base;
+  const int32_t* tables;
+  int64_t P, page_size, M, H;
+  int64_t capacity() const { return M * page_size; }
+  Elem* at(int64_t b, int64_t kv, int64_t s) const {
+    const int32_t page = tables[b * M + s / page_size];
+    if (page < 0 || page >= P) return nullptr;
+    return base + ((kv * P + page) * page_size + s % page_size) * H;
+  }
+};
+
 // A whole decode-step attention from the q/k/v projection, in one call instead of the RoPE,
 // scatter and attention ops XLA runs per layer: qkv [B, K, G + 2, H] holds each KV head's G
-// query heads, its key and its value. Per (row, KV head): RoPE on the queries and the key
-// (cos/sin [B, H/2] of the row's position), the key and value stored in the cache at the row's
-// position (dropped outside [0, S), as XLA's scatter mode="drop"), then DecodeAttention's
-// softmax over slots 0..position. The caches are aliased outputs: each step writes one slot
-// in place.
+// query heads, its key and its value. First every row's key (RoPE'd by cos/sin [B, H/2] of its
+// position) and value are stored at its position (dropped outside the cache or on a missing
+// page, as XLA's scatter mode="drop"); then, per (row, KV head), the RoPE'd queries attend
+// over slots 0..position (a missing page reads as zeros, as the XLA gather path does). Two
+// passes, because an engine's packed prefill gives each token of a chunk its own row, and a
+// token attends to the rows before it. The caches are aliased outputs, written in place.
+template <typename Row, typename Elem, typename Slots>
+void RopeWriteAttend(ffi::ThreadPool& pool, const float* qkv, const float* cos, const float* sin,
+                     const Slots& k_slots, const Slots& v_slots, const int32_t* pos, int64_t B,
+                     int64_t K, int64_t groups, int64_t H, bool round_to_bf16, float* out) {
+  const int64_t capacity = k_slots.capacity(), N = K * groups;
+  ParallelFor(pool, B * K, [&](int64_t begin, int64_t end) {
+    float* k_H = Scratch(2, H);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, kv = bk % K;
+      if (pos[b] < 0 || pos[b] >= capacity) continue;
+      Elem* k_dst = k_slots.at(b, kv, pos[b]);
+      Elem* v_dst = v_slots.at(b, kv, pos[b]);
+      if (k_dst == nullptr) continue;
+      const float* src = qkv + bk * (groups + 2) * H;  // [G + 2, H] of (row b, KV head kv)
+      RotateHalf(src + groups * H, cos + b * (H / 2), sin + b * (H / 2), H, round_to_bf16, k_H);
+      const float* v_H = src + (groups + 1) * H;
+      for (int64_t h = 0; h < H; ++h) {
+        StoreElem(k_H[h], k_dst + h);
+        StoreElem(v_H[h], v_dst + h);
+      }
+    }
+  }, /*chunk=*/1);
+  const std::vector<Elem> zeros(H, Elem{0});
+  const Elem* zero_row = zeros.data();
+  auto heads = [&](int64_t begin, int64_t end) {
+    float* scores = Scratch(0, groups * capacity);
+    float* q_GxH = Scratch(1, groups * H);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / K, kv = bk % K;
+      const float* src = qkv + bk * (groups + 2) * H;
+      for (int64_t g = 0; g < groups; ++g)
+        RotateHalf(src + g * H, cos + b * (H / 2), sin + b * (H / 2), H, round_to_bf16,
+                   q_GxH + g * H);
+      const auto at = [&, b, kv](const Slots& slots) {
+        return [&slots, zero_row, b, kv](int64_t s) -> const Elem* {
+          const Elem* row = slots.at(b, kv, s);
+          return row == nullptr ? zero_row : row;
+        };
+      };
+      // A padding row (position < 0) sees slot 0 only: finite values, discarded by the caller.
+      const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, capacity);
+      AttendOneHead<Row>(q_GxH, at(k_slots), at(v_slots), groups, visible, H,
+                         out + (b * N + kv * groups) * H, scores);
+    }
+  };
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += std::clamp<int64_t>(pos[b] + 1, 1, capacity) * K * H;
+  ForEachHead(pool, B * K, work, heads);
+}
+
+// XLA aliases the caches to the outputs; were it ever not to, start from the inputs.
+template <typename Buffer, typename Result>
+void StartFromInput(const Buffer& in, Result& out) {
+  if (in.untyped_data() != out->untyped_data())
+    std::memcpy(out->untyped_data(), in.untyped_data(), in.size_bytes());
+}
+
 template <ffi::DataType D, typename Row, typename Elem>
 ffi::Error DecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                                ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
@@ -935,105 +1017,48 @@ ffi::Error DecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                                ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out,
                                ffi::ResultBuffer<D> k_out, ffi::ResultBuffer<D> v_out,
                                bool round_to_bf16) {
-  const auto kd = k_in.dimensions();
-  const int64_t B = kd[0], K = kd[1], S = kd[2], H = kd[3];
-  const auto qd = qkv.dimensions();
-  const int64_t groups = qd[2] - 2;
+  const auto kd = k_in.dimensions(), vd = v_in.dimensions(), qd = qkv.dimensions();
+  const int64_t B = kd[0], K = kd[1], S = kd[2], H = kd[3], groups = qd[2] - 2;
   if (qd[0] != B || qd[1] != K || groups < 1 || qd[3] != H || H % 2 != 0 ||
-      cos.dimensions()[0] != B || cos.dimensions()[1] != H / 2 ||
-      sin.dimensions()[0] != B || sin.dimensions()[1] != H / 2 ||
-      v_in.dimensions()[0] != B || v_in.dimensions()[1] != K || v_in.dimensions()[2] != S ||
-      v_in.dimensions()[3] != H || positions.dimensions()[0] != B)
+      cos.dimensions()[0] != B || cos.dimensions()[1] != H / 2 || sin.dimensions()[0] != B ||
+      sin.dimensions()[1] != H / 2 || vd[0] != B || vd[1] != K || vd[2] != S || vd[3] != H ||
+      positions.dimensions()[0] != B)
     return ffi::Error::InvalidArgument("jinfer decode rope attention: qkv, cos/sin, caches disagree");
-  Elem* kp = reinterpret_cast<Elem*>(k_out->untyped_data());
-  Elem* vp = reinterpret_cast<Elem*>(v_out->untyped_data());
-  // XLA aliases the caches to the outputs; were it ever not to, start from the inputs.
-  if (k_in.untyped_data() != kp) std::memcpy(kp, k_in.untyped_data(), k_in.size_bytes());
-  if (v_in.untyped_data() != vp) std::memcpy(vp, v_in.untyped_data(), v_in.size_bytes());
-  const float* qkvp = qkv.typed_data();
-  const float* cosp = cos.typed_data();
-  const float* sinp = sin.typed_data();
-  const int32_t* pos = positions.typed_data();
-  float* op = out->typed_data();
-  const int64_t N = K * groups;
-  auto heads = [=](int64_t begin, int64_t end) {
-    float* scores = Scratch(0, groups * S);
-    float* q_GxH = Scratch(1, groups * H);
-    float* k_H = Scratch(2, H);
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / K, kv = bk % K;
-      const float* src = qkvp + bk * (groups + 2) * H;  // [G + 2, H] of (row b, KV head kv)
-      const float* c = cosp + b * (H / 2);
-      const float* s = sinp + b * (H / 2);
-      for (int64_t g = 0; g < groups; ++g)
-        RotateHalf(src + g * H, c, s, H, round_to_bf16, q_GxH + g * H);
-      Elem* k_SxH = kp + bk * S * H;
-      Elem* v_SxH = vp + bk * S * H;
-      if (pos[b] >= 0 && pos[b] < S) {
-        RotateHalf(src + groups * H, c, s, H, round_to_bf16, k_H);
-        const float* v_H = src + (groups + 1) * H;
-        for (int64_t h = 0; h < H; ++h) {
-          StoreElem(k_H[h], k_SxH + pos[b] * H + h);
-          StoreElem(v_H[h], v_SxH + pos[b] * H + h);
-        }
-      }
-      // A padding row (position < 0) sees slot 0 only: finite values, discarded by the caller.
-      const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, S);
-      AttendOneHead<Row>(q_GxH, [=](int64_t t) { return k_SxH + t * H; },
-                         [=](int64_t t) { return v_SxH + t * H; }, groups, visible, H,
-                         op + (b * N + kv * groups) * H, scores);
-    }
-  };
-  int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::clamp<int64_t>(pos[b] + 1, 1, S) * K * H;
-  ForEachHead(pool, B * K, work, heads);
+  StartFromInput(k_in, k_out);
+  StartFromInput(v_in, v_out);
+  const ContiguousSlots<Elem> k_slots{reinterpret_cast<Elem*>(k_out->untyped_data()), K, S, H};
+  const ContiguousSlots<Elem> v_slots{reinterpret_cast<Elem*>(v_out->untyped_data()), K, S, H};
+  RopeWriteAttend<Row, Elem>(pool, qkv.typed_data(), cos.typed_data(), sin.typed_data(), k_slots,
+                             v_slots, positions.typed_data(), B, K, groups, H, round_to_bf16,
+                             out->typed_data());
   return ffi::Error::Success();
 }
 
-// The same over a paged cache: pools [K, P, S_page, H] and page tables [B, M]; position s of
-// row b lives in page tables[b, s / S_page] at slot s % S_page. Table entries that hold no page
-// (NO_PAGE, or any id outside the pool) read as zeros, as the XLA gather path does.
 template <ffi::DataType D, typename Row, typename Elem>
-ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                ffi::Buffer<D> k_pages, ffi::Buffer<D> v_pages,
-                                ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
-                                ffi::ResultBuffer<ffi::F32> out) {
-  const auto kd = k_pages.dimensions();
-  const int64_t K = kd[0], P = kd[1], Sp = kd[2], H = kd[3], N = q.dimensions()[1];
+ffi::Error PagedDecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                                    ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                    ffi::Buffer<D> k_in, ffi::Buffer<D> v_in,
+                                    ffi::Buffer<ffi::S32> tables,
+                                    ffi::Buffer<ffi::S32> positions,
+                                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
+                                    ffi::ResultBuffer<D> v_out, bool round_to_bf16) {
+  const auto kd = k_in.dimensions(), vd = v_in.dimensions(), qd = qkv.dimensions();
+  const int64_t K = kd[0], P = kd[1], Sp = kd[2], H = kd[3], groups = qd[2] - 2;
   const int64_t B = tables.dimensions()[0], M = tables.dimensions()[1];
-  const auto vd = v_pages.dimensions();
-  if (q.dimensions()[0] != B || q.dimensions()[2] != H || N % K != 0 || vd[0] != K ||
-      vd[1] != P || vd[2] != Sp || vd[3] != H || positions.dimensions()[0] != B)
+  if (qd[0] != B || qd[1] != K || groups < 1 || qd[3] != H || H % 2 != 0 ||
+      cos.dimensions()[0] != B || cos.dimensions()[1] != H / 2 || sin.dimensions()[0] != B ||
+      sin.dimensions()[1] != H / 2 || vd[0] != K || vd[1] != P || vd[2] != Sp || vd[3] != H ||
+      positions.dimensions()[0] != B)
     return ffi::Error::InvalidArgument(
-        "jinfer paged decode attention: q, pages, tables, positions disagree");
-  const int64_t groups = N / K;
-  const float* qp = q.typed_data();
-  const Elem* kp = reinterpret_cast<const Elem*>(k_pages.untyped_data());
-  const Elem* vp = reinterpret_cast<const Elem*>(v_pages.untyped_data());
+        "jinfer paged decode rope attention: qkv, cos/sin, pools, tables disagree");
+  StartFromInput(k_in, k_out);
+  StartFromInput(v_in, v_out);
   const int32_t* tp = tables.typed_data();
-  const int32_t* pos = positions.typed_data();
-  float* op = out->typed_data();
-  auto heads = [=](int64_t begin, int64_t end) {
-    float* scores = Scratch(0, groups * M * Sp);
-    const std::vector<Elem> zeros(H, Elem{0});
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / K, kv = bk % K;
-      const int64_t visible = std::clamp<int64_t>(pos[b] + 1, 1, M * Sp);
-      const int32_t* table = tp + b * M;
-      auto at = [=, &zeros](const Elem* pool_base) {
-        return [=, &zeros](int64_t s) -> const Elem* {
-          const int32_t page = table[s / Sp];
-          if (page < 0 || page >= P) return zeros.data();
-          return pool_base + ((kv * P + page) * Sp + s % Sp) * H;
-        };
-      };
-      AttendOneHead<Row>(qp + (b * N + kv * groups) * H, at(kp), at(vp), groups, visible, H,
-                         op + (b * N + kv * groups) * H, scores);
-    }
-  };
-  int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += std::clamp<int64_t>(pos[b] + 1, 1, M * Sp) * K * H;
-  ForEachHead(pool, B * K, work, heads);
+  const PagedSlots<Elem> k_slots{reinterpret_cast<Elem*>(k_out->untyped_data()), tp, P, Sp, M, H};
+  const PagedSlots<Elem> v_slots{reinterpret_cast<Elem*>(v_out->untyped_data()), tp, P, Sp, M, H};
+  RopeWriteAttend<Row, Elem>(pool, qkv.typed_data(), cos.typed_data(), sin.typed_data(), k_slots,
+                             v_slots, positions.typed_data(), B, K, groups, H, round_to_bf16,
+                             out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1067,19 +1092,26 @@ ffi::Error BF16RopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                                                            out, k_out, v_out, round_to_bf16);
 }
 
-ffi::Error F32PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                             ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
-                             ffi::ResultBuffer<ffi::F32> out) {
-  return PagedDecodeAttention<ffi::F32, F32Row, float>(pool, q, k, v, tables, positions, out);
+ffi::Error F32PagedRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                                 ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                 ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
+                                 ffi::ResultBuffer<ffi::F32> out,
+                                 ffi::ResultBuffer<ffi::F32> k_out,
+                                 ffi::ResultBuffer<ffi::F32> v_out, bool round_to_bf16) {
+  return PagedDecodeRopeAttention<ffi::F32, F32Row, float>(
+      pool, qkv, cos, sin, k, v, tables, positions, out, k_out, v_out, round_to_bf16);
 }
 
-ffi::Error BF16PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                              ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
-                              ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
-                              ffi::ResultBuffer<ffi::F32> out) {
-  return PagedDecodeAttention<ffi::BF16, BF16Row, uint16_t>(pool, q, k, v, tables, positions,
-                                                            out);
+ffi::Error BF16PagedRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                                  ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                  ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                                  ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> positions,
+                                  ffi::ResultBuffer<ffi::F32> out,
+                                  ffi::ResultBuffer<ffi::BF16> k_out,
+                                  ffi::ResultBuffer<ffi::BF16> v_out, bool round_to_bf16) {
+  return PagedDecodeRopeAttention<ffi::BF16, BF16Row, uint16_t>(
+      pool, qkv, cos, sin, k, v, tables, positions, out, k_out, v_out, round_to_bf16);
 }
 
 }  // namespace
@@ -1115,26 +1147,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeAttentionF32, F32PagedAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeAttentionBF16, BF16PagedAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
 #define JINFER_ROPE_ATTENTION_BINDING(T)            \
   ffi::Ffi::Bind()                                  \
       .Ctx<ffi::ThreadPool>()                       \
@@ -1154,3 +1166,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeRopeAttentionF32, F32RopeAttention,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeRopeAttentionBF16, BF16RopeAttention,
                               JINFER_ROPE_ATTENTION_BINDING(ffi::BF16));
+
+#define JINFER_PAGED_ROPE_ATTENTION_BINDING(T)      \
+  ffi::Ffi::Bind()                                  \
+      .Ctx<ffi::ThreadPool>()                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                 \
+      .Arg<ffi::Buffer<T>>()                        \
+      .Arg<ffi::Buffer<T>>()                        \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Arg<ffi::Buffer<ffi::S32>>()                 \
+      .Ret<ffi::Buffer<ffi::F32>>()                 \
+      .Ret<ffi::Buffer<T>>()                        \
+      .Ret<ffi::Buffer<T>>()                        \
+      .Attr<bool>("round_to_bf16")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeRopeAttentionF32, F32PagedRopeAttention,
+                              JINFER_PAGED_ROPE_ATTENTION_BINDING(ffi::F32));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeRopeAttentionBF16, BF16PagedRopeAttention,
+                              JINFER_PAGED_ROPE_ATTENTION_BINDING(ffi::BF16));
