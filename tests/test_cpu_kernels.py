@@ -3,6 +3,7 @@ when they apply (the lowered program calls them) and when they fall back, and th
 failure paths (no compiler, a failing compile, disabled by the environment)."""
 
 import logging
+import re
 import os
 import subprocess
 import sys
@@ -93,6 +94,19 @@ def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("k", [576, 608, 96])  # 4.5 and 4.75 quads of 128 inputs, and 0.75
+def test_int4_kernel_over_partial_quads_and_many_groups(rows, k):
+  w = qw.quantize(_normal(36, k) + 0.25, "int4", 32)  # 18-19 groups: past one 16-wide chunk
+  x = _normal(rows, 1, k)
+  got = jax.jit(qw.linear)(x, w)
+  want = _einsum(x, w.dequantize())
+  d_MxK = np.repeat(np.abs(np.asarray(x)).reshape(rows, -1, 32).max(-1) / 127, 32, axis=-1)
+  bound = 2e-4 + float(((d_MxK / 256) @ np.abs(np.asarray(w.dequantize())).T).max())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=bound)
+
+
+@needs_kernels
 def test_kernels_called_from_several_threads_at_once_stay_correct():
   """The kernels share one set of spinning helper threads: a kernel that finds them busy runs
   alone, and a helper that went to sleep between calls is woken. Results must not mix."""
@@ -178,15 +192,31 @@ def test_decode_rope_attention_matches_the_unfused_path(dtype):
   want_out, want_k, want_v = _unfused_decode(qkv, rope, k, v, positions)
   assert got_out.dtype == dtype and got_k.dtype == dtype
   tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-  # Rows 0-3 attend; row 4's output is discarded padding; row 5 sees the whole old cache.
-  np.testing.assert_allclose(got_out[:4].astype(jnp.float32), want_out[:4].astype(jnp.float32),
-                             atol=tolerance)
-  np.testing.assert_allclose(got_k[:4].astype(jnp.float32), want_k[:4].astype(jnp.float32),
-                             atol=tolerance)
-  np.testing.assert_array_equal(got_v[:4], want_v[:4])  # v is stored as given: bit-exact
-  # Rows -1 and S write nothing (XLA's path wraps -1 to slot S - 1, as jnp indexing does).
+  # Row 4's output is discarded padding; row 5 (past the cache) sees the whole old cache.
+  live = np.array([0, 1, 2, 3, 5])
+  np.testing.assert_allclose(got_out[live].astype(jnp.float32),
+                             want_out[live].astype(jnp.float32), atol=tolerance)
+  np.testing.assert_allclose(got_k.astype(jnp.float32), want_k.astype(jnp.float32), atol=tolerance)
+  np.testing.assert_array_equal(got_v, want_v)  # v is stored as given: bit-exact
+  # Rows -1 and S write nothing.
   np.testing.assert_array_equal(got_k[4:], k[4:])
   np.testing.assert_array_equal(got_v[4:], v[4:])
+
+
+@needs_kernels
+@pytest.mark.parametrize("groups,head_dim", [(6, 64), (9, 32), (2, 80), (3, 16), (1, 48)])
+def test_decode_attention_shapes_beyond_the_common_one(groups, head_dim):
+  """Query heads past the 8 held in registers (in blocks), 5-8 heads (values loaded per 4),
+  head dims that are not multiples of 64 (16-column tiles), and a dim off the AVX-512 path."""
+  positions = [0, 30, 17]
+  qkv, rope, k, v, positions = _decode_inputs(3, 2, groups, 40, head_dim, positions,
+                                               jnp.float32)
+  got = jax.jit(lambda *a: cpu_kernels.decode_rope_attention(
+      *a, fallback=_wrong_decode(qkv, k, v)))(
+          qkv, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k, v, positions)
+  want = _unfused_decode(qkv, rope, k, v, positions)
+  for got_x, want_x in zip(got, want):
+    np.testing.assert_allclose(got_x, want_x, atol=1e-5)
 
 
 @needs_kernels
@@ -207,6 +237,8 @@ def test_decode_rope_attention_writes_the_cache_in_place():
   hlo = jax.jit(loop, donate_argnums=(0, 1)).lower(k, v).compile().as_text()
   assert "jinfer_decode_rope_attention" in hlo
   assert "output_to_operand_aliasing" in hlo
+  # No cache-sized copy anywhere (the donated caches are the loop's and the kernel's buffers).
+  assert not re.search(r"= f32\[2,2,512,64\]\{[0-9,]*\} copy\(", hlo)
   got_k, got_v, _ = jax.jit(loop)(k, v)
   want_k, want_v = k, v
   for i in range(4):  # each step wrote its own slot

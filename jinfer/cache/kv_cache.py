@@ -62,8 +62,10 @@ class KVCache:
     An int8 cache quantizes them first (one scale per token and KV head).
     """
     batch_idx = jnp.arange(k_BxTxKxH.shape[0])[:, None]
+    # Negative positions (padding) go past the end too: jnp indexing would wrap them to S - 1.
+    slots_BxT = jnp.where(positions_BxT < 0, self.max_len, positions_BxT)
     # Advanced indices around a slice: the update is indexed [B, T, K, (H)], the new K/V's layout.
-    put = lambda buffer, update: buffer.at[batch_idx, :, positions_BxT].set(
+    put = lambda buffer, update: buffer.at[batch_idx, :, slots_BxT].set(
         update.astype(buffer.dtype), mode="drop")
     if not self.quantized:
       return self.replace(k=_replace_at(self.k, layer, put(self.k[layer], k_BxTxKxH)),

@@ -2,15 +2,15 @@
 //
 // Matmuls y[M, N] = x[M, K] @ W[N, K].T for few rows M (one per sequence in a decode step),
 // with W stored as float32, bfloat16, int8 codes (per-row or per-group scales) or packed int4
-// codes (per-group float16 scale and offset). Every weight is read once per call, converted to float32
-// in registers and multiplied into the M rows: decode is bound by reading the weights, and
-// XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy first).
+// codes (per-group float16 scale and offset). Every weight is read once per call and multiplied
+// into the M rows in registers (converted to float32, or, for int4 with AVX-512 VNNI, in int8
+// dot products against two-level int8 activations): decode is bound by reading the weights,
+// and XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy).
 //
-// Decode attention: one query token per row over a contiguous [B, K, S, H] KV cache (with RoPE
-// and the cache write fused in), or over a paged pool [K, P, S_page, H] through page tables,
-// fused (scores, softmax and the weighted sum of values in one pass per KV head) in place of
-// the dozen small XLA ops and the per-step transposed copy of V (for pages: the gather of every
-// page) that the XLA math compiles to.
+// Decode attention: one query token per row, RoPE, the cache write and attention in one call,
+// over a contiguous [B, K, S, H] KV cache or a paged pool [K, P, S_page, H] through page tables
+// (scores, softmax and the weighted sum of values in one pass per KV head), in place of the
+// dozen small XLA ops, the scatter and (for pages) the gather that the XLA math compiles to.
 //
 // Reading at memory bandwidth takes both cores and enough loads in flight: rows are split into
 // one contiguous range per thread, run by helper threads that stay awake between the kernels of
@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cfloat>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -539,7 +540,8 @@ TwoLevelX QuantizeTwoLevel(const float* x, int64_t M, int64_t K, int64_t group) 
       const float amax = _mm512_reduce_max_ps(
           _mm512_max_ps(_mm512_andnot_ps(sign_bit, x0), _mm512_andnot_ps(sign_bit, x1)));
       const float d = amax / 127.0f;
-      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      // Blocks below 127 * FLT_MIN count as zeros: 127 / amax would overflow to inf.
+      const __m512 inv = _mm512_set1_ps(amax > 127.0f * FLT_MIN ? 127.0f / amax : 0.0f);
       const int64_t quad = b / 4, slot = b % 4;
       // Input 2i is the low nibble of byte i: even inputs first, then odd, per level.
       int8_t* q = out.codes.data() + (m * out.quads + quad) * 256 + slot * 16;
@@ -769,7 +771,9 @@ inline void AddScaled(float p, const Row& v, int64_t H, float* out) {
 
 #ifdef JINFER_AVX512
 // e^x for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and 2^f, |f| <= 1/2, by a
-// degree-6 polynomial (relative error about 2e-7). Arguments below -87 give 0.
+// degree-6 polynomial (relative error about 2e-7). Arguments are clamped to -87 (e^-87 is
+// about 1.6e-38); a NaN argument gives e^-87, not NaN (scores are finite unless the model
+// already produced NaN).
 inline __m512 Exp16(__m512 x) {
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
@@ -783,10 +787,10 @@ inline __m512 Exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// The AVX-512 path of AttendOneHead for H % 64 == 0 and G <= kMaxGroupsInRegisters: every key
-// and value row is loaded (and, for bfloat16, widened) once for all G query heads; the scores'
-// exponentials run 16 at a time; the weighted sum of values stays in registers, 64 columns and
-// up to 4 heads at a time, and is normalised once at the end.
+// The AVX-512 path of AttendOneHead for H % 16 == 0 and G <= kMaxGroupsInRegisters: every key
+// row is loaded (and, for bfloat16, widened) once for all G query heads, and every value row
+// once per 4 heads; the scores' exponentials run 16 at a time; the weighted sum of values stays
+// in registers (4 heads by 64 columns at a time) and is normalised once at the end.
 constexpr int64_t kMaxGroupsInRegisters = 8;
 
 template <typename Row, typename KeyAt, typename ValueAt>
@@ -802,7 +806,8 @@ void AttendOneHeadAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t g
       for (int64_t g = 0; g < groups; ++g)
         acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q_GxH + g * H + h), key, acc[g]);
     }
-    for (int64_t g = 0; g < groups; ++g) scores_GxS[g * visible + s] = _mm512_reduce_add_ps(acc[g]) * scale;
+    for (int64_t g = 0; g < groups; ++g)
+      scores_GxS[g * visible + s] = _mm512_reduce_add_ps(acc[g]) * scale;
   }
   float inv_total[kMaxGroupsInRegisters];
   for (int64_t g = 0; g < groups; ++g) {
@@ -825,24 +830,23 @@ void AttendOneHeadAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t g
   for (int64_t g0 = 0; g0 < groups; g0 += 4) {
     const int64_t gn = std::min<int64_t>(4, groups - g0);
     for (int64_t h = 0; h < H; h += 64) {
+      const int64_t tiles = std::min<int64_t>(4, (H - h) / 16);  // 16-column tiles
       __m512 acc[4][4];
       for (int64_t g = 0; g < gn; ++g)
         for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
       for (int64_t s = 0; s < visible; ++s) {
         const Row v{v_at(s)};
-        const __m512 v0 = v.Load16(h), v1 = v.Load16(h + 16), v2 = v.Load16(h + 32),
-                     v3 = v.Load16(h + 48);
+        __m512 value[4];
+        for (int64_t c = 0; c < tiles; ++c) value[c] = v.Load16(h + c * 16);
         for (int64_t g = 0; g < gn; ++g) {
           const __m512 weight = _mm512_set1_ps(scores_GxS[(g0 + g) * visible + s]);
-          acc[g][0] = _mm512_fmadd_ps(weight, v0, acc[g][0]);
-          acc[g][1] = _mm512_fmadd_ps(weight, v1, acc[g][1]);
-          acc[g][2] = _mm512_fmadd_ps(weight, v2, acc[g][2]);
-          acc[g][3] = _mm512_fmadd_ps(weight, v3, acc[g][3]);
+          for (int64_t c = 0; c < tiles; ++c)
+            acc[g][c] = _mm512_fmadd_ps(weight, value[c], acc[g][c]);
         }
       }
       for (int64_t g = 0; g < gn; ++g) {
         const __m512 norm = _mm512_set1_ps(inv_total[g0 + g]);
-        for (int c = 0; c < 4; ++c)
+        for (int64_t c = 0; c < tiles; ++c)
           _mm512_storeu_ps(out_GxH + (g0 + g) * H + h + c * 16, _mm512_mul_ps(acc[g][c], norm));
       }
     }
@@ -856,8 +860,11 @@ template <typename Row, typename KeyAt, typename ValueAt>
 void AttendOneHead(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
                    int64_t visible, int64_t H, float* out_GxH, float* scores_GxS) {
 #ifdef JINFER_AVX512
-  if (H % 64 == 0 && groups <= kMaxGroupsInRegisters) {
-    AttendOneHeadAvx512<Row>(q_GxH, k_at, v_at, groups, visible, H, out_GxH, scores_GxS);
+  if (H % 16 == 0) {  // query heads in blocks of up to kMaxGroupsInRegisters
+    for (int64_t g0 = 0; g0 < groups; g0 += kMaxGroupsInRegisters)
+      AttendOneHeadAvx512<Row>(q_GxH + g0 * H, k_at, v_at,
+                               std::min(kMaxGroupsInRegisters, groups - g0), visible, H,
+                               out_GxH + g0 * H, scores_GxS);
     return;
   }
 #endif
