@@ -204,13 +204,17 @@ def test_decode_rope_attention_matches_the_unfused_path(dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("groups,head_dim", [(6, 64), (9, 32), (2, 80), (3, 16), (1, 48)])
-def test_decode_attention_shapes_beyond_the_common_one(groups, head_dim):
+@pytest.mark.parametrize("kv_heads,groups,slots,head_dim,positions", [
+    (2, 6, 40, 64, [0, 30, 17]), (2, 9, 40, 32, [0, 30, 17]), (2, 2, 40, 80, [0, 30, 17]),
+    (2, 3, 40, 16, [0, 30, 17]), (2, 1, 40, 48, [0, 30, 17]),
+    (3, 2, 700, 64, [699, 450])])  # the last: enough cache for the threaded path
+def test_decode_attention_shapes_beyond_the_common_one(kv_heads, groups, slots, head_dim,
+                                                       positions):
   """Query heads past the 8 held in registers (in blocks), 5-8 heads (values loaded per 4),
-  head dims that are not multiples of 64 (16-column tiles), and a dim off the AVX-512 path."""
-  positions = [0, 30, 17]
-  qkv, rope, k, v, positions = _decode_inputs(3, 2, groups, 40, head_dim, positions,
-                                               jnp.float32)
+  head dims that are not multiples of 64 (16-column tiles), a dim off the AVX-512 path, and a
+  long context split across threads."""
+  qkv, rope, k, v, positions = _decode_inputs(len(positions), kv_heads, groups, slots,
+                                               head_dim, positions, jnp.float32)
   got = jax.jit(lambda *a: cpu_kernels.decode_rope_attention(
       *a, fallback=_wrong_decode(qkv, k, v)))(
           qkv, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k, v, positions)
@@ -222,7 +226,7 @@ def test_decode_attention_shapes_beyond_the_common_one(groups, head_dim):
 @needs_kernels
 def test_decode_rope_attention_writes_the_cache_in_place():
   """Inside a decode loop the caches are aliased to the kernel's outputs: no copy of a
-  cache-sized buffer per step (XLA's scatter cost time in proportion to the cache)."""
+  cache-sized buffer, each step writes its slots in place."""
   qkv, rope, k, v, positions = _decode_inputs(2, 2, 3, 512, 64, [5, 100], jnp.float32)
 
   def loop(k, v):
@@ -245,18 +249,6 @@ def test_decode_rope_attention_writes_the_cache_in_place():
     _, want_k, want_v = _unfused_decode(qkv + i, rope, want_k, want_v, positions + i)
   np.testing.assert_allclose(got_k, want_k, atol=1e-5)
   np.testing.assert_array_equal(got_v, want_v)
-
-
-@needs_kernels
-def test_long_context_decode_is_split_across_threads():
-  # Enough cache to take the threaded path.
-  qkv, rope, k, v, positions = _decode_inputs(2, 3, 2, 700, 64, [699, 450], jnp.float32)
-  got = jax.jit(lambda *a: cpu_kernels.decode_rope_attention(
-      *a, fallback=_wrong_decode(qkv, k, v)))(
-          qkv, rope.cos_BxTxHh[:, 0], rope.sin_BxTxHh[:, 0], k, v, positions)
-  want = _unfused_decode(qkv, rope, k, v, positions)
-  for got_x, want_x in zip(got, want):
-    np.testing.assert_allclose(got_x, want_x, atol=1e-5)
 
 
 @needs_kernels

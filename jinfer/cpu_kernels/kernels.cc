@@ -1154,43 +1154,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-#define JINFER_ROPE_ATTENTION_BINDING(T)            \
-  ffi::Ffi::Bind()                                  \
-      .Ctx<ffi::ThreadPool>()                       \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<T>>()                        \
-      .Arg<ffi::Buffer<T>>()                        \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Ret<ffi::Buffer<ffi::F32>>()                 \
-      .Ret<ffi::Buffer<T>>()                        \
-      .Ret<ffi::Buffer<T>>()                        \
+// RoPE attention handlers: (qkv, cos, sin, k cache, v cache, [page tables,] positions) ->
+// (out, k cache, v cache), the caches aliased.
+#define JINFER_ROPE_ATTENTION_INPUTS(T)                                                      \
+  ffi::Ffi::Bind()                                                                           \
+      .Ctx<ffi::ThreadPool>()                                                                \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                          \
+      .Arg<ffi::Buffer<T>>()                                                                 \
+      .Arg<ffi::Buffer<T>>()
+#define JINFER_ROPE_ATTENTION_OUTPUTS(T)                                                     \
+  Arg<ffi::Buffer<ffi::S32>>()                                                               \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                          \
+      .Ret<ffi::Buffer<T>>()                                                                 \
+      .Ret<ffi::Buffer<T>>()                                                                 \
       .Attr<bool>("round_to_bf16")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeRopeAttentionF32, F32RopeAttention,
-                              JINFER_ROPE_ATTENTION_BINDING(ffi::F32));
+                              JINFER_ROPE_ATTENTION_INPUTS(ffi::F32)
+                                  .JINFER_ROPE_ATTENTION_OUTPUTS(ffi::F32));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferDecodeRopeAttentionBF16, BF16RopeAttention,
-                              JINFER_ROPE_ATTENTION_BINDING(ffi::BF16));
-
-#define JINFER_PAGED_ROPE_ATTENTION_BINDING(T)      \
-  ffi::Ffi::Bind()                                  \
-      .Ctx<ffi::ThreadPool>()                       \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<ffi::F32>>()                 \
-      .Arg<ffi::Buffer<T>>()                        \
-      .Arg<ffi::Buffer<T>>()                        \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Arg<ffi::Buffer<ffi::S32>>()                 \
-      .Ret<ffi::Buffer<ffi::F32>>()                 \
-      .Ret<ffi::Buffer<T>>()                        \
-      .Ret<ffi::Buffer<T>>()                        \
-      .Attr<bool>("round_to_bf16")
+                              JINFER_ROPE_ATTENTION_INPUTS(ffi::BF16)
+                                  .JINFER_ROPE_ATTENTION_OUTPUTS(ffi::BF16));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeRopeAttentionF32, F32PagedRopeAttention,
-                              JINFER_PAGED_ROPE_ATTENTION_BINDING(ffi::F32));
+                              JINFER_ROPE_ATTENTION_INPUTS(ffi::F32)
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .JINFER_ROPE_ATTENTION_OUTPUTS(ffi::F32));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferPagedDecodeRopeAttentionBF16, BF16PagedRopeAttention,
-                              JINFER_PAGED_ROPE_ATTENTION_BINDING(ffi::BF16));
+                              JINFER_ROPE_ATTENTION_INPUTS(ffi::BF16)
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .JINFER_ROPE_ATTENTION_OUTPUTS(ffi::BF16));
