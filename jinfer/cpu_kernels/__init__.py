@@ -3,12 +3,12 @@ XLA through its FFI.
 
 XLA:CPU reads float32 weights at near memory bandwidth but converts int8, int4 and bfloat16
 weights to a float32 copy before every dot, so smaller weights decode *slower* than float32.
-`paged_decode_rope_attention` does the same for a paged pool, reading pages in place.
 These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
 int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_rope_attention` fuses
 a decode step's RoPE, cache write and attention over a contiguous cache, which XLA compiles to
-a dozen small ops and a scatter per layer.
+a dozen small ops and a scatter per layer; `paged_decode_rope_attention` does the same over a
+paged pool, reading and writing pages in place.
 
 Each entry point takes the XLA computation it replaces (`fallback`) and uses it when the kernel
 does not apply: on other platforms (chosen per platform at lowering), for more than `MAX_ROWS`
