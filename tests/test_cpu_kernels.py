@@ -2,6 +2,7 @@
 when they apply (the lowered program calls them) and when they fall back, and the build's
 failure paths (no compiler, a failing compile, disabled by the environment)."""
 
+import dataclasses
 import logging
 import re
 import os
@@ -104,6 +105,85 @@ def test_int4_kernel_over_partial_quads_and_many_groups(rows, k):
   d_MxK = np.repeat(np.abs(np.asarray(x)).reshape(rows, -1, 32).max(-1) / 127, 32, axis=-1)
   bound = 2e-4 + float(((d_MxK / 256) @ np.abs(np.asarray(w.dequantize())).T).max())
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=bound)
+
+
+def _weight(mode, out_features, in_features):
+  w = _normal(out_features, in_features) * 0.1 + 0.02
+  return w if mode == "float32" else qw.quantize(w, mode)
+
+
+def _matmul(x, w, fusion=None):
+  """The model's matmul entry point for a float or quantized weight."""
+  from jinfer.models import llama  # pylint: disable=g-import-not-at-top
+  return llama.linear(x, w, fusion)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["float32", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("part", ["norm", "swiglu", "residual", "swiglu+residual"])
+def test_fused_norm_swiglu_and_residual_equal_the_xla_ops(mode, rows, part):
+  """A matmul call with its layer's RMSNorm (q/k/v, gate/up), SwiGLU (down projection) or
+  residual add (output, down) fused gives what the XLA ops around a plain matmul give; the
+  lowered program calls the kernel and nothing else for float32 activations."""
+  from jinfer.models.fusion import MatmulFusion  # pylint: disable=g-import-not-at-top
+  k, n = 96, 40
+  w = _weight(mode, n, k)
+  x = _normal(rows, 1, 2 * k if "swiglu" in part else k) * 2.0
+  fusion = MatmulFusion(
+      norm_weight=_normal(k) if part == "norm" else None, norm_eps=1e-5,
+      swiglu="swiglu" in part, residual=_normal(rows, 1, n) if "residual" in part else None)
+  fused = jax.jit(lambda x: _matmul(x, w, fusion))
+  text = _lowered_text(lambda x: _matmul(x, w, fusion), x)
+  assert "jinfer_matmul_" in text
+  got = fused(x)
+  x_in = fusion.input(x)
+  want = fusion.output(jax.jit(lambda x: _matmul(x, w))(x_in))  # the same kernel, unfused
+  atol = 2e-5
+  if mode == "int4":  # inputs a rounding apart may take the next of the kernel's x levels
+    d_MxK = np.repeat(np.abs(np.asarray(x_in)).reshape(rows, -1, 32).max(-1) / 127, 32, -1)
+    atol += float(((d_MxK / 256) @ np.abs(np.asarray(w.dequantize())).T).max())
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=atol)
+  if mode == "float32":  # and against XLA's own matmul
+    np.testing.assert_allclose(got, fusion.output(_einsum(x_in, w)), rtol=1e-4, atol=1e-4)
+  # The fused ops happen in the kernel (no exp/rsqrt/add ops left in the compiled program).
+  compiled = jax.jit(lambda x: _matmul(x, w, fusion)).lower(x).compile().as_text()
+  if mode != "w8a8":
+    assert not re.search(r" (exponential|rsqrt|add)\(", compiled), compiled[-3000:]
+
+
+@needs_kernels
+def test_fusion_with_bfloat16_activations_stays_in_xla():
+  """A bfloat16 model rounds between the norm, the matmul and the residual add: the kernel is
+  called plain and XLA does those ops, so its rounding is the unfused path's."""
+  from jinfer.models.fusion import MatmulFusion  # pylint: disable=g-import-not-at-top
+  w = _normal(40, 96).astype(jnp.bfloat16)
+  x = _normal(2, 1, 96).astype(jnp.bfloat16)
+  fusion = MatmulFusion(norm_weight=_normal(96).astype(jnp.bfloat16), norm_eps=1e-5,
+                        residual=_normal(2, 1, 40).astype(jnp.bfloat16))
+  got = jax.jit(lambda x: _matmul(x, w, fusion))(x)
+  want = fusion.output(jax.jit(lambda x: _matmul(x, w))(fusion.input(x)))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got.astype(jnp.float32), want.astype(jnp.float32))
+
+
+@needs_kernels
+def test_decode_step_runs_no_xla_op_between_layer_kernels(tiny_model):
+  """With the norms, SwiGLU and residual adds fused, a decode step's compiled program is its
+  kernels plus a fixed handful of XLA ops (embedding, final norm), however many layers."""
+  from jinfer.models import llama  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for layers in (2, 4):
+    config = dataclasses.replace(tiny_model.config, n_layers=layers)
+    params = llama.init_params(config, jax.random.key(0))
+    cache = KVCache.init(config, 1, 16)
+    step = lambda p, c: llama.forward(p, config, jnp.ones((1, 1), jnp.int32),
+                                      jnp.full((1, 1), 3, jnp.int32), c)
+    hlo = jax.jit(step).lower(params, cache).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    counts[layers] = (entry.count("custom-call("), entry.count(" fusion("))
+  assert counts[4][0] - counts[2][0] == 2 * 5  # q/k/v, attention, output, gate/up, down
+  assert counts[4][1] == counts[2][1], counts  # no fusion per layer
 
 
 @needs_kernels

@@ -5,7 +5,9 @@ XLA:CPU reads float32 weights at near memory bandwidth but converts int8, int4 a
 weights to a float32 copy before every dot, so smaller weights decode *slower* than float32.
 These kernels (kernels.cc) convert in registers instead, so decode time follows the bytes read.
 They take x [..., K] and an [N, K] weight (float32, bfloat16, int8 codes + scales, or packed
-int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]. `decode_rope_attention` fuses
+int4 codes + float16 scales + offsets) and return x @ W.T as [..., N]; with a
+`jinfer.models.fusion.MatmulFusion` the same call also applies the RMSNorm or SwiGLU before and
+the residual add after (for float32 activations; XLA does them otherwise). `decode_rope_attention` fuses
 a decode step's RoPE, cache write and attention over a contiguous cache, which XLA compiles to
 a dozen small ops and a scatter per layer; `paged_decode_rope_attention` does the same over a
 paged pool, reading and writing pages in place.
@@ -24,8 +26,10 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jinfer.cpu_kernels import build
+from jinfer.models.fusion import MatmulFusion
 from pallas_kernels.int8_matmul.reference import quantize_per_token
 
 MAX_ROWS = 16  # beyond this many x rows, XLA's GEMM beats a weight-streaming kernel
@@ -39,16 +43,19 @@ def available() -> bool:
 
 
 def float_matmul(x_BxTxK: jax.Array, w_NxK: jax.Array, fallback: Callable[[], jax.Array],
-                 out_dtype=None) -> jax.Array:
-  """x @ w.T for a float32 or bfloat16 weight."""
+                 out_dtype=None, fusion: Optional[MatmulFusion] = None) -> jax.Array:
+  """x @ w.T for a float32 or bfloat16 weight (`fusion` applied around it; `fallback`
+  computes the whole result, fusion included, where the kernel does not apply)."""
   target = {jnp.dtype(jnp.float32): "jinfer_matmul_f32",
             jnp.dtype(jnp.bfloat16): "jinfer_matmul_bf16"}.get(jnp.dtype(w_NxK.dtype))
-  return _call(target, x_BxTxK, (w_NxK,), w_NxK.shape[0], None, fallback, out_dtype)
+  return _call(target, x_BxTxK, (w_NxK,), w_NxK.shape, None, fallback, out_dtype,
+               fusion=fusion)
 
 
 def int8_matmul(x_BxTxK: jax.Array, codes_NxK: jax.Array, scales: jax.Array,
                 fallback: Callable[[], jax.Array], out_dtype=None,
-                quantize_activations: bool = False) -> jax.Array:
+                quantize_activations: bool = False,
+                fusion: Optional[MatmulFusion] = None) -> jax.Array:
   """x @ (codes * scales).T; scales [N] per row or [N, G] per group of K // G inputs.
 
   quantize_activations (W8A8): x is quantized per token first. Its integer codes go through
@@ -56,13 +63,13 @@ def int8_matmul(x_BxTxK: jax.Array, codes_NxK: jax.Array, scales: jax.Array,
   scale is applied after, which equals int8 x int8 -> int32 accumulation.
   """
   group = None if scales.ndim == 1 else codes_NxK.shape[1] // scales.shape[1]
-  return _call("jinfer_matmul_int8", x_BxTxK, (codes_NxK, scales), codes_NxK.shape[0], group,
-               fallback, out_dtype, quantize_activations)
+  return _call("jinfer_matmul_int8", x_BxTxK, (codes_NxK, scales), codes_NxK.shape, group,
+               fallback, out_dtype, quantize_activations, fusion)
 
 
 def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Array,
                 offsets_NxG: jax.Array, fallback: Callable[[], jax.Array],
-                out_dtype=None) -> jax.Array:
+                out_dtype=None, fusion: Optional[MatmulFusion] = None) -> jax.Array:
   """x @ (codes * scales + offsets).T for two 4-bit codes per byte (even input low); the
   kernel reads float16 scales and offsets.
 
@@ -70,12 +77,13 @@ def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Arra
   represented as d * (q1 + q2 / 256) with int8 q1, q2 and d = max|x| / 127 (about 15 bits per
   input; an output is off by at most sum_k |w[n, k]| * d(k) / 256). Elsewhere x stays float32.
   """
-  group = packed_NxK2.shape[1] * 2 // scales_NxG.shape[1]
+  out_features, in_features = packed_NxK2.shape[0], packed_NxK2.shape[1] * 2
+  group = in_features // scales_NxG.shape[1]
   if scales_NxG.shape[1] > MAX_INT4_GROUPS:
     return fallback()
   return _call("jinfer_matmul_int4", x_BxTxK,
                (packed_NxK2, scales_NxG.astype(jnp.float16), offsets_NxG.astype(jnp.float16)),
-               packed_NxK2.shape[0], group, fallback, out_dtype)
+               (out_features, in_features), group, fallback, out_dtype, fusion=fusion)
 
 
 def decode_rope_attention(qkv_BxKxG2xH: jax.Array, cos_BxHh: jax.Array, sin_BxHh: jax.Array,
@@ -150,25 +158,40 @@ def paged_decode_rope_attention(qkv_BxKxG2xH: jax.Array, cos_BxHh: jax.Array,
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)
 
 
-def _call(target: Optional[str], x_BxTxK: jax.Array, weights: tuple, out_features: int,
+def _call(target: Optional[str], x_BxTxI: jax.Array, weights: tuple, weight_shape: tuple,
           group: Optional[int], fallback: Callable[[], jax.Array], out_dtype,
-          quantize_activations: bool = False) -> jax.Array:
-  *lead, in_features = x_BxTxK.shape
+          quantize_activations: bool = False,
+          fusion: Optional[MatmulFusion] = None) -> jax.Array:
+  """x @ W.T for an [N, K] weight through the kernel `target`, with `fusion` around it; x is
+  [..., K], or [..., 2K] for a SwiGLU input."""
+  fusion = fusion or MatmulFusion()
+  out_features, in_features = weight_shape
+  *lead, _ = x_BxTxI.shape
   rows = math.prod(lead)
   if (target is None or rows > MAX_ROWS or in_features % ALIGN
       or (group is not None and group % ALIGN) or not build.load()):
     return fallback()
-  out_dtype = out_dtype or x_BxTxK.dtype
+  out_dtype = out_dtype or x_BxTxI.dtype
+  # In the kernel only for float32 activations: a bfloat16 model rounds between these ops.
+  in_kernel = (not quantize_activations and x_BxTxI.dtype == jnp.float32
+               and (fusion.residual is None or fusion.residual.dtype == jnp.float32))
 
   def on_cpu():
-    x_MxK = x_BxTxK.reshape(rows, in_features).astype(jnp.float32)
+    x_BxTxK = x_BxTxI if in_kernel else fusion.input(x_BxTxI)
+    x_MxK = x_BxTxK.reshape(rows, -1).astype(jnp.float32)
     if quantize_activations:
       x_codes_MxK, x_scale_M = quantize_per_token(x_MxK)
       x_MxK = x_codes_MxK.astype(jnp.float32)
+    none = jnp.zeros((0,), jnp.float32)
+    norm_K = fusion.norm_weight if in_kernel and fusion.norm_weight is not None else none
+    residual_MxN = (fusion.residual.reshape(rows, out_features)
+                    if in_kernel and fusion.residual is not None else none)
     y_MxN = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, out_features), jnp.float32))(
-        x_MxK, *weights)
+        x_MxK, *weights, norm_K.astype(jnp.float32), residual_MxN,
+        norm_eps=np.float32(fusion.norm_eps), swiglu=in_kernel and fusion.swiglu)
     if quantize_activations:
       y_MxN = y_MxN * x_scale_M[:, None]
-    return y_MxN.reshape(*lead, out_features).astype(out_dtype)
+    y = y_MxN.reshape(*lead, out_features).astype(out_dtype)
+    return y if in_kernel else fusion.output(y)
 
   return jax.lax.platform_dependent(cpu=on_cpu, default=fallback)

@@ -168,6 +168,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn, int64_t chunk = 0) {
   helpers.Run((n + chunk - 1) / chunk, run_chunk);
 }
 
+// Per-thread scratch floats that keep their memory between calls: kernels run many chunks per
+// call (a range of weight rows, a (row, KV head) of attention) and need not allocate for each.
+// Buffers 0-2 serve attention, 3-4 the int4 kernel, 5 a matmul's prepared input.
+inline float* Scratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[6];
+  std::vector<float>& buffer = buffers[which];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Decode streams every weight from memory once. The hardware prefetchers alone keep too few
 // cache misses in flight for a core to reach its share of memory bandwidth (int8 rows read at
 // 6 GB/s per core without this, 10 GB/s with it), so the kernels ask for the bytes
@@ -178,6 +188,86 @@ inline void PrefetchAhead(const void* weights) {
 #if defined(__x86_64__)
   _mm_prefetch(static_cast<const char*>(weights) + kPrefetchBytes, _MM_HINT_T0);
 #endif
+}
+
+#ifdef JINFER_AVX512
+// e^x for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and 2^f, |f| <= 1/2, by a
+// degree-6 polynomial (relative error about 2e-7). Arguments are clamped to -87 (e^-87 is
+// about 1.6e-38); a NaN argument gives e^-87, not NaN (scores are finite unless the model
+// already produced NaN).
+inline __m512 Exp16(__m512 x) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                 _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, kNearest);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f,
+                        6.9314718e-1f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// What a matmul call does around y = x @ W.T, so a decoder layer needs no XLA ops between its
+// kernels (each costs about a microsecond to launch, 12 per layer): the input may be the SwiGLU
+// of x's interleaved (gate, up) pairs (the MLP's down projection), then RMS-normalized (the
+// pre-attention and pre-MLP norms), and the output may add a residual [M, N].
+struct MatmulFusion {
+  bool swiglu = false;
+  const float* norm_weight = nullptr;  // [K], or none
+  float norm_eps = 0.0f;
+  const float* residual = nullptr;  // [M, N], or none
+};
+
+// Where a matmul's rows go: y[m, n] = value (+ residual[m, n]).
+struct Output {
+  float* y;
+  const float* residual;
+  int64_t N;
+  void Store(int64_t m, int64_t n, float value) const {
+    y[m * N + n] = residual == nullptr ? value : value + residual[m * N + n];
+  }
+};
+
+inline float Silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// The input rows [M, K] of a fused matmul, from x [M, K] (or [M, 2K] with swiglu): x itself
+// when nothing is fused, else the prepared rows in the calling thread's scratch. The norm is
+// x * rsqrt(mean(x^2) + eps) * weight in float32, as `jinfer.models.llama.rms_norm`.
+const float* PrepareInput(const float* x, int64_t M, int64_t K, const MatmulFusion& f) {
+  if (!f.swiglu && f.norm_weight == nullptr) return x;
+  float* in = Scratch(5, M * K);
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = in + m * K;
+    if (f.swiglu) {
+      const float* pairs = x + m * 2 * K;
+      int64_t k = 0;
+#ifdef JINFER_AVX512
+      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      for (; k + 16 <= K; k += 16) {
+        const __m512 a = _mm512_loadu_ps(pairs + 2 * k), b = _mm512_loadu_ps(pairs + 2 * k + 16);
+        const __m512 gate = _mm512_permutex2var_ps(a, even, b);
+        const __m512 up = _mm512_permutex2var_ps(a, odd, b);
+        const __m512 sigmoid = _mm512_div_ps(
+            _mm512_set1_ps(1.0f),
+            _mm512_add_ps(_mm512_set1_ps(1.0f), Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+        _mm512_storeu_ps(row + k, _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), up));
+      }
+#endif
+      for (; k < K; ++k) row[k] = Silu(pairs[2 * k]) * pairs[2 * k + 1];
+    } else {
+      std::memcpy(row, x + m * K, K * sizeof(float));
+    }
+    if (f.norm_weight != nullptr) {
+      float squares = 0.0f;
+      for (int64_t k = 0; k < K; ++k) squares += row[k] * row[k];
+      const float inv_rms = 1.0f / std::sqrt(squares / static_cast<float>(K) + f.norm_eps);
+      for (int64_t k = 0; k < K; ++k) row[k] = row[k] * inv_rms * f.norm_weight[k];
+    }
+  }
+  return in;
 }
 
 // Per-format weight rows. Each loads 16 consecutive inputs of one row as float32 (Load16) and
@@ -301,11 +391,12 @@ inline void DotFourRows(const float* x, int64_t K, const Row* rows, int64_t grou
 #endif
 }
 
-// y[m, n] = row_scale[n] * sum_k x[m, k] * w_n[k] (* group scale), for rows n in [n0, n1).
+// y[m, n] = row_scale[n] * sum_k x[m, k] * w_n[k] (* group scale), for rows n in [n0, n1)
+// (stored through `y`, which may add a residual).
 // make_row(n) gives row n's weights; row_scales (per output row) may be null.
 template <typename MakeRow>
 void MatmulRows(const float* x, int64_t M, int64_t K, int64_t N, MakeRow make_row, int64_t group,
-                const float* group_scales, const float* row_scales, float* y, int64_t n0,
+                const float* group_scales, const float* row_scales, const Output& y, int64_t n0,
                 int64_t n1) {
   const int64_t groups_per_row = K / group;
   float out[kRowTile];
@@ -316,7 +407,8 @@ void MatmulRows(const float* x, int64_t M, int64_t K, int64_t N, MakeRow make_ro
       DotFourRows(x, K, rows, group,
                   group_scales == nullptr ? nullptr : group_scales + n0 * groups_per_row,
                   groups_per_row, out);
-      for (int i = 0; i < 4; ++i) y[n0 + i] = out[i] * (row_scales == nullptr ? 1.0f : row_scales[n0 + i]);
+      for (int i = 0; i < 4; ++i)
+        y.Store(0, n0 + i, out[i] * (row_scales == nullptr ? 1.0f : row_scales[n0 + i]));
     }
   }
   for (int64_t n = n0; n < n1; ++n) {  // M > 1, or the last rows of a chunk
@@ -332,7 +424,7 @@ void MatmulRows(const float* x, int64_t M, int64_t K, int64_t N, MakeRow make_ro
         default: DotRows<1>(xm, K, K, row, group, gs, out); break;
       }
       const float s = row_scales == nullptr ? 1.0f : row_scales[n];
-      for (int64_t i = 0; i < mt; ++i) y[(m + i) * N + n] = out[i] * s;
+      for (int64_t i = 0; i < mt; ++i) y.Store(m + i, n, out[i] * s);
     }
   }
 }
@@ -344,39 +436,69 @@ ffi::Error CheckShapes(int64_t M, int64_t K, int64_t x_k, int64_t y_m, int64_t y
   return ffi::Error::Success();
 }
 
+// A matmul call's operands: x [M, K] ([M, 2K] with swiglu), a norm weight [K] (or empty: no
+// norm) and a residual [M, N] (or empty). Checks the shapes; the fusion and y's rows out.
+ffi::Error ReadMatmul(const ffi::Buffer<ffi::F32>& x, int64_t K, int64_t N,
+                      const ffi::Buffer<ffi::F32>& norm_weight, float norm_eps,
+                      const ffi::Buffer<ffi::F32>& residual, bool swiglu,
+                      ffi::ResultBuffer<ffi::F32>& y, MatmulFusion* fusion, Output* out) {
+  const int64_t M = x.dimensions()[0], x_k = x.dimensions()[1] / (swiglu ? 2 : 1);
+  if (auto e = CheckShapes(M, K, x_k, y->dimensions()[0], y->dimensions()[1], N); e.failure())
+    return e;
+  if (swiglu && x.dimensions()[1] != 2 * K)
+    return ffi::Error::InvalidArgument("jinfer cpu matmul: swiglu takes x [M, 2K]");
+  if (norm_weight.element_count() != 0 && norm_weight.element_count() != static_cast<size_t>(K))
+    return ffi::Error::InvalidArgument("jinfer cpu matmul: the norm weight must have K elements");
+  if (residual.element_count() != 0 && residual.element_count() != static_cast<size_t>(M * N))
+    return ffi::Error::InvalidArgument("jinfer cpu matmul: the residual must be [M, N]");
+  fusion->swiglu = swiglu;
+  fusion->norm_weight = norm_weight.element_count() ? norm_weight.typed_data() : nullptr;
+  fusion->norm_eps = norm_eps;
+  fusion->residual = residual.element_count() ? residual.typed_data() : nullptr;
+  *out = Output{y->typed_data(), fusion->residual, N};
+  return ffi::Error::Success();
+}
+
+// The FFI operands and attributes every matmul handler takes after its weights.
+#define JINFER_MATMUL_FUSION_PARAMS                                                        \
+  ffi::Buffer<ffi::F32> norm_weight, ffi::Buffer<ffi::F32> residual,                        \
+      ffi::ResultBuffer<ffi::F32> y, float norm_eps, bool swiglu
+
 template <ffi::DataType W, typename Row, typename Elem>
 ffi::Error FloatMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<W> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
+                       JINFER_MATMUL_FUSION_PARAMS) {
   const int64_t M = x.dimensions()[0], K = w.dimensions()[1], N = w.dimensions()[0];
-  if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
+  MatmulFusion fusion;
+  Output out;
+  if (auto e = ReadMatmul(x, K, N, norm_weight, norm_eps, residual, swiglu, y, &fusion, &out);
       e.failure())
     return e;
-  const float* xp = x.typed_data();
+  const float* xp = PrepareInput(x.typed_data(), M, K, fusion);
   const Elem* wp = reinterpret_cast<const Elem*>(w.untyped_data());
-  float* yp = y->typed_data();
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
-    MatmulRows(xp, M, K, N, [=](int64_t n) { return Row{wp + n * K}; }, K, nullptr, nullptr, yp,
+    MatmulRows(xp, M, K, N, [=](int64_t n) { return Row{wp + n * K}; }, K, nullptr, nullptr, out,
                n0, n1);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
-                      ffi::AnyBuffer scales, ffi::ResultBuffer<ffi::F32> y) {
+                      ffi::AnyBuffer scales, JINFER_MATMUL_FUSION_PARAMS) {
   const int64_t M = x.dimensions()[0], K = codes.dimensions()[1], N = codes.dimensions()[0];
-  if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
+  MatmulFusion fusion;
+  Output out;
+  if (auto e = ReadMatmul(x, K, N, norm_weight, norm_eps, residual, swiglu, y, &fusion, &out);
       e.failure())
     return e;
   const bool per_group = scales.dimensions().size() == 2;
   const int64_t group = per_group ? K / scales.dimensions()[1] : K;
   if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int8 matmul: group % 32 != 0");
-  const float* xp = x.typed_data();
+  const float* xp = PrepareInput(x.typed_data(), M, K, fusion);
   const int8_t* wp = codes.typed_data();
   const float* sp = reinterpret_cast<const float*>(scales.untyped_data());
-  float* yp = y->typed_data();
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
     MatmulRows(xp, M, K, N, [=](int64_t n) { return Int8Row{wp + n * K}; }, group,
-               per_group ? sp : nullptr, per_group ? nullptr : sp, yp, n0, n1);
+               per_group ? sp : nullptr, per_group ? nullptr : sp, out, n0, n1);
   });
   return ffi::Error::Success();
 }
@@ -618,10 +740,14 @@ inline void Int4DotVnni(const TwoLevelX& x, int64_t m0, const uint8_t* const* ro
 template <int R>
 void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
                   const uint8_t* wp, const uint16_t* sp, const uint16_t* op, int64_t G,
-                  float* yp) {
+                  const Output& y) {
   const int64_t group = K / G, blocks = x.quads * 4;
   const int64_t padded_groups = x.padded_groups;
-  std::vector<float> scales(R * blocks, 0.0f), offsets(R * padded_groups, 0.0f), halves(G);
+  // Zero-filled: blocks and groups past K pad the last quad.
+  float* scales = std::fill_n(Scratch(3, R * blocks + G), R * blocks, 0.0f) - R * blocks;
+  float* halves = scales + R * blocks;
+  float* offsets = std::fill_n(Scratch(4, R * padded_groups), R * padded_groups, 0.0f) -
+                   R * padded_groups;
   float out[R * 4];
   for (int64_t n = n0; n + R <= n1; n += R) {
     const uint8_t* rows[R];
@@ -629,16 +755,16 @@ void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n
     const float* row_offsets[R];
     for (int r = 0; r < R; ++r) {
       rows[r] = wp + (n + r) * (K / 2);
-      block_scales[r] = scales.data() + r * blocks;
+      block_scales[r] = scales + r * blocks;
       if (group == 32) {
-        HalvesToFloats(sp + (n + r) * G, G, scales.data() + r * blocks);
+        HalvesToFloats(sp + (n + r) * G, G, scales + r * blocks);
       } else {  // each group's scale for each of its blocks
-        HalvesToFloats(sp + (n + r) * G, G, halves.data());
+        HalvesToFloats(sp + (n + r) * G, G, halves);
         for (int64_t g = 0; g < G; ++g)
-          std::fill_n(scales.data() + r * blocks + g * (group / 32), group / 32, halves[g]);
+          std::fill_n(scales + r * blocks + g * (group / 32), group / 32, halves[g]);
       }
-      HalvesToFloats(op + (n + r) * G, G, offsets.data() + r * padded_groups);
-      row_offsets[r] = offsets.data() + r * padded_groups;
+      HalvesToFloats(op + (n + r) * G, G, offsets + r * padded_groups);
+      row_offsets[r] = offsets + r * padded_groups;
     }
     for (int64_t m = 0; m < M; m += 4) {
       const int64_t mt = std::min<int64_t>(4, M - m);
@@ -649,7 +775,7 @@ void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n
         default: Int4DotVnni<R, 1>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
       }
       for (int r = 0; r < R; ++r)
-        for (int64_t i = 0; i < mt; ++i) yp[(m + i) * N + n + r] = out[r * mt + i];
+        for (int64_t i = 0; i < mt; ++i) y.Store(m + i, n + r, out[r * mt + i]);
     }
   }
 }
@@ -661,19 +787,20 @@ void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n
 // high nibbles of the block's 16 bytes multiply contiguous x.
 ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                       ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> offsets,
-                      ffi::ResultBuffer<ffi::F32> y) {
+                      JINFER_MATMUL_FUSION_PARAMS) {
   const int64_t M = x.dimensions()[0], K = codes.dimensions()[1] * 2, N = codes.dimensions()[0];
-  if (auto e = CheckShapes(M, K, x.dimensions()[1], y->dimensions()[0], y->dimensions()[1], N);
+  MatmulFusion fusion;
+  Output out;
+  if (auto e = ReadMatmul(x, K, N, norm_weight, norm_eps, residual, swiglu, y, &fusion, &out);
       e.failure())
     return e;
   const int64_t G = scales.dimensions()[1], group = K / G;
   if (group % 32 != 0) return ffi::Error::InvalidArgument("jinfer int4 matmul: group % 32 != 0");
   if (G > kMaxGroups) return ffi::Error::InvalidArgument("jinfer int4 matmul: too many groups");
-  const float* xp = x.typed_data();
+  const float* xp = PrepareInput(x.typed_data(), M, K, fusion);
   const uint8_t* wp = codes.typed_data();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.untyped_data());
   const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.untyped_data());
-  float* yp = y->typed_data();
 #ifdef JINFER_VNNI
   {
     const TwoLevelX xq = QuantizeTwoLevel(xp, M, K, group);
@@ -682,14 +809,14 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       int64_t n = n0;
       if (M == 1) {
         const int64_t n4 = n0 + (n1 - n0) / 4 * 4;
-        Int4RowsVnni<4>(*xqp, M, K, N, n, n4, wp, sp, op, G, yp);
+        Int4RowsVnni<4>(*xqp, M, K, N, n, n4, wp, sp, op, G, out);
         n = n4;
       } else {
         const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
-        Int4RowsVnni<2>(*xqp, M, K, N, n, n2, wp, sp, op, G, yp);
+        Int4RowsVnni<2>(*xqp, M, K, N, n, n2, wp, sp, op, G, out);
         n = n2;
       }
-      Int4RowsVnni<1>(*xqp, M, K, N, n, n1, wp, sp, op, G, yp);
+      Int4RowsVnni<1>(*xqp, M, K, N, n, n1, wp, sp, op, G, out);
     });
     return ffi::Error::Success();
   }
@@ -705,6 +832,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   }
   const float* xs = shuffled.data();
   const float* sums = group_sums.data();
+  const Output y_rows = out;
   ParallelFor(pool, N, [=](int64_t n0, int64_t n1) {
     float out[kRowTile];
     float row_scales[4 * kMaxGroups], row_offsets[kMaxGroups];
@@ -723,7 +851,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         Int4DotFourRows(xs, K, rows, group, row_scales, G, out);
         for (int r = 0; r < 4; ++r) {
           HalvesToFloats(op + (n0 + r) * G, G, row_offsets);
-          yp[n0 + r] = out[r] + offset_term(0);
+          y_rows.Store(0, n0 + r, out[r] + offset_term(0));
         }
       }
     }
@@ -740,21 +868,13 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           case 2: Int4DotRows<2>(xm, K, row, group, row_scales, out); break;
           default: Int4DotRows<1>(xm, K, row, group, row_scales, out); break;
         }
-        for (int64_t i = 0; i < mt; ++i) yp[(m + i) * N + n] = out[i] + offset_term(m + i);
+        for (int64_t i = 0; i < mt; ++i) y_rows.Store(m + i, n, out[i] + offset_term(m + i));
       }
     }
   });
   return ffi::Error::Success();
 }
 
-// Per-thread scratch floats that keep their memory between calls: the attention kernels run a
-// chunk per (row, KV head), and need not allocate and zero G * S floats for each.
-inline float* Scratch(int which, size_t n) {
-  thread_local std::vector<float> buffers[3];
-  std::vector<float>& buffer = buffers[which];
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
 
 // Scalar (portable) attention pieces: q . k over H inputs, and out += p * v.
 template <typename Row>
@@ -770,22 +890,6 @@ inline void AddScaled(float p, const Row& v, int64_t H, float* out) {
 }
 
 #ifdef JINFER_AVX512
-// e^x for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and 2^f, |f| <= 1/2, by a
-// degree-6 polynomial (relative error about 2e-7). Arguments are clamped to -87 (e^-87 is
-// about 1.6e-38); a NaN argument gives e^-87, not NaN (scores are finite unless the model
-// already produced NaN).
-inline __m512 Exp16(__m512 x) {
-  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
-                                 _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, kNearest);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f,
-                        6.9314718e-1f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 // The AVX-512 path of AttendOneHead for H % 16 == 0 and G <= kMaxGroupsInRegisters: every key
 // row is loaded (and, for bfloat16, widened) once for all G query heads, and every value row
@@ -1070,13 +1174,15 @@ ffi::Error PagedDecodeRopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 }
 
 ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::ResultBuffer<ffi::F32> y) {
-  return FloatMatmul<ffi::F32, F32Row, float>(pool, x, w, y);
+                     JINFER_MATMUL_FUSION_PARAMS) {
+  return FloatMatmul<ffi::F32, F32Row, float>(pool, x, w, norm_weight, residual, y, norm_eps,
+                                              swiglu);
 }
 
 ffi::Error BF16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  return FloatMatmul<ffi::BF16, BF16Row, uint16_t>(pool, x, w, y);
+                      JINFER_MATMUL_FUSION_PARAMS) {
+  return FloatMatmul<ffi::BF16, BF16Row, uint16_t>(pool, x, w, norm_weight, residual, y,
+                                                   norm_eps, swiglu);
 }
 
 ffi::Error F32RopeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
@@ -1128,14 +1234,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulF32, F32Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm weight [K] or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual [M, N] or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("norm_eps")
+                                  .Attr<bool>("swiglu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulBF16, BF16Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm weight [K] or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual [M, N] or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("norm_eps")
+                                  .Attr<bool>("swiglu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt8, Int8Matmul,
                               ffi::Ffi::Bind()
@@ -1143,7 +1257,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt8, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm weight [K] or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual [M, N] or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("norm_eps")
+                                  .Attr<bool>("swiglu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
                               ffi::Ffi::Bind()
@@ -1152,7 +1270,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JinferMatmulInt4, Int4Matmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm weight [K] or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual [M, N] or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("norm_eps")
+                                  .Attr<bool>("swiglu"));
 
 // RoPE attention handlers: (qkv, cos, sin, k cache, v cache, [page tables,] positions) ->
 // (out, k cache, v cache), the caches aliased.

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jinfer import cpu_kernels
 from jinfer.errors import InvalidRequestError
+from jinfer.models.fusion import MatmulFusion
 
 Params = dict[str, Any]
 MODES = ("int8", "w8a8", "int4")
@@ -240,25 +241,36 @@ def param_bytes(params: Params) -> int:
 # ----------------------------------------------------------------------------- used by the model
 
 
-def linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
-  """x @ w.T for a quantized [out, in] weight -> [B, T, O] in x's dtype.
+def linear(x_BxTxI: jax.Array, w: QuantizedWeight,
+           fusion: Optional[MatmulFusion] = None) -> jax.Array:
+  """x @ w.T for a quantized [out, in] weight -> [B, T, O] in x's dtype, with `fusion`
+  (norm / SwiGLU before, residual after) around it.
 
   At decode shapes on CPU every format runs in jinfer's native CPU kernels (`cpu_kernels`).
   Otherwise int8 and w8a8 go through the int8 matmuls (Pallas kernels on TPU/GPU, their XLA
   references elsewhere) and int4 is dequantized in the jitted program, a nibble plane at a time.
   """
-  # Tie the weight to the activations: otherwise XLA hoists the dequantization out of decode
-  # loops (the weights are loop-invariant) and keeps a float copy of every weight alive while
-  # decoding, so the model would run from float weights and save no memory.
-  x_BxTxI, w = jax.lax.optimization_barrier((x_BxTxI, w))
-  if w.bits == 4:
-    return cpu_kernels.int4_matmul(x_BxTxI, w.codes, w.scales, w.offsets,
-                                   fallback=lambda: _int4_linear(x_BxTxI, w))
+  fusion = fusion or MatmulFusion()
   from pallas_kernels import int8_matmul  # pylint: disable=g-import-not-at-top
-  matmul = int8_matmul.int8_matmul_w8a8 if w.int8_activations else int8_matmul.int8_matmul
-  return cpu_kernels.int8_matmul(x_BxTxI, w.codes, w.scales,
-                                 fallback=lambda: matmul(x_BxTxI, w.codes, w.scales),
-                                 quantize_activations=w.int8_activations)
+  if w.bits == 4:
+    matmul = _int4_linear
+  else:
+    int8 = int8_matmul.int8_matmul_w8a8 if w.int8_activations else int8_matmul.int8_matmul
+    matmul = lambda x, w: int8(x, w.codes, w.scales)
+
+  def fallback():
+    # Tie the weight to the activations: otherwise XLA hoists the dequantization out of decode
+    # loops (the weights are loop-invariant) and keeps a float copy of every weight alive while
+    # decoding, so the model would run from float weights and save no memory. (The CPU
+    # kernels read the codes as they are; the barrier would cost them a copy of x.)
+    x_barred, w_barred = jax.lax.optimization_barrier((x_BxTxI, w))
+    return fusion.apply(x_barred, lambda x: matmul(x, w_barred))
+
+  if w.bits == 4:
+    return cpu_kernels.int4_matmul(x_BxTxI, w.codes, w.scales, w.offsets, fallback=fallback,
+                                   fusion=fusion)
+  return cpu_kernels.int8_matmul(x_BxTxI, w.codes, w.scales, fallback=fallback,
+                                 quantize_activations=w.int8_activations, fusion=fusion)
 
 
 def _int4_linear(x_BxTxI: jax.Array, w: QuantizedWeight) -> jax.Array:
