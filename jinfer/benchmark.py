@@ -42,7 +42,7 @@ PROMPT_TEXT = (
 KNOWN_PEERS = ("transformers", "llama_cpp")
 DTYPES = ("float32", "bfloat16")
 # Quantized formats (activations float32, or ~15-bit integer codes in the int4 CPU kernel with
-# AVX-512 VNNI): weight modes of jinfer.quant.weights
+# AVX-512 VNNI or AVX2): weight modes of jinfer.quant.weights
 # (the "-emb8" ones also quantize the embedding table / LM head to int8, as llama.cpp's files
 # do), and "int8kv", float32 weights over an int8 KV cache.
 QUANT_FORMATS = ("int8", "w8a8", "int4", "int8-emb8", "int4-emb8", "int8kv")

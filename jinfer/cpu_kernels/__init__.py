@@ -73,9 +73,10 @@ def int4_matmul(x_BxTxK: jax.Array, packed_NxK2: jax.Array, scales_NxG: jax.Arra
   """x @ (codes * scales + offsets).T for two 4-bit codes per byte (even input low); the
   kernel reads float16 scales and offsets.
 
-  On CPUs with AVX-512 VNNI the kernel multiplies in integers: each block of 32 inputs of x is
-  represented as d * (q1 + q2 / 256) with int8 q1, q2 and d = max|x| / 127 (about 15 bits per
-  input; an output is off by at most sum_k |w[n, k]| * d(k) / 256). Elsewhere x stays float32.
+  On CPUs with AVX-512 VNNI or AVX2 the kernel multiplies in integers: each block of 32 inputs
+  of x is represented as d * (q1 + q2 / 256) with int8 q1, q2 and d = max|x| / 127 (about 15
+  bits per input; an output is off by at most sum_k |w[n, k]| * d(k) / 256). Elsewhere x stays
+  float32.
   """
   out_features, in_features = packed_NxK2.shape[0], packed_NxK2.shape[1] * 2
   group = in_features // scales_NxG.shape[1]

@@ -3,8 +3,8 @@
 // Matmuls y[M, N] = x[M, K] @ W[N, K].T for few rows M (one per sequence in a decode step),
 // with W stored as float32, bfloat16, int8 codes (per-row or per-group scales) or packed int4
 // codes (per-group float16 scale and offset). Every weight is read once per call and multiplied
-// into the M rows in registers (converted to float32, or, for int4 with AVX-512 VNNI, in int8
-// dot products against two-level int8 activations): decode is bound by reading the weights,
+// into the M rows in registers (converted to float32, or, for int4 with AVX-512 VNNI or AVX2,
+// in int8 dot products against two-level int8 activations): decode is bound by reading the weights,
 // and XLA:CPU has no such fused kernel (it converts an int8 or bf16 weight to a float32 copy).
 //
 // Decode attention: one query token per row, RoPE, the cache write and attention in one call,
@@ -16,8 +16,9 @@
 // one contiguous range per thread, run by helper threads that stay awake between the kernels of
 // a decode step (Helpers), and each weight row is prefetched ahead of use (PrefetchAhead).
 //
-// Built at first use by jinfer/cpu_kernels/build.py with -march=native. With AVX-512 the inner
-// loops use intrinsics; elsewhere plain loops the compiler vectorizes.
+// Built at first use by jinfer/cpu_kernels/build.py with -march=native. With AVX-512 or AVX2
+// the inner loops use intrinsics, through one set of vector helpers (Floats, Bytes) for both
+// widths; elsewhere plain loops the compiler vectorizes.
 // Preconditions (checked in Python): K and every group size are multiples of 32; int4 groups
 // hold whole 32-input blocks, whose 16 bytes store input pairs (2j low nibble, 2j+1 high).
 
@@ -38,9 +39,14 @@
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define JINFER_AVX512 1
+#define JINFER_SIMD 1
 #if defined(__AVX512VNNI__)
-#define JINFER_VNNI 1  // int8 dot products (vpdpbusd) for the int4 kernel
+#define JINFER_INT8_DOT 1  // int4 kernel in int8 dot products (vpdpbusd)
 #endif
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define JINFER_AVX2 1  // AMD Zen 2/3, most laptops: the same loops at 8 lanes
+#define JINFER_SIMD 1
+#define JINFER_INT8_DOT 1  // int4 kernel in int8 dot products (vpmaddubsw + vpmaddwd)
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -50,6 +56,184 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kRowTile = 4;            // input rows multiplied per weight load
+
+// One vector of float32 lanes and the few operations the kernels use on it: 16 lanes with
+// AVX-512, 8 with AVX2 + FMA, so each vector loop is written once for both. Without either
+// the kernels run plain loops the compiler vectorizes.
+#if defined(JINFER_AVX512)
+using Floats = __m512;
+constexpr int kLanes = 16;
+inline Floats Zero() { return _mm512_setzero_ps(); }
+inline Floats Set1(float v) { return _mm512_set1_ps(v); }
+inline Floats Load(const float* p) { return _mm512_loadu_ps(p); }
+inline void Store(float* p, Floats v) { _mm512_storeu_ps(p, v); }
+inline Floats Add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+inline Floats Sub(Floats a, Floats b) { return _mm512_sub_ps(a, b); }
+inline Floats Mul(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
+inline Floats Div(Floats a, Floats b) { return _mm512_div_ps(a, b); }
+inline Floats Max(Floats a, Floats b) { return _mm512_max_ps(a, b); }
+inline Floats Min(Floats a, Floats b) { return _mm512_min_ps(a, b); }
+inline Floats Fma(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+inline float ReduceAdd(Floats v) { return _mm512_reduce_add_ps(v); }
+inline float ReduceMax(Floats v) { return _mm512_reduce_max_ps(v); }
+// kLanes consecutive bfloat16 / int8 / unsigned bytes widened to float32.
+inline Floats WidenBF16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline Floats WidenHalves(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Floats WidenInt8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// The low (high) nibbles of kLanes bytes as float32.
+inline Floats LowNibbles(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, _mm_set1_epi8(0x0F))));
+}
+inline Floats HighNibbles(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F))));
+}
+// x * 2^n for integral n (e^x's exponent step).
+inline Floats Round(Floats v) {
+  return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline Floats TimesPowerOfTwo(Floats x, Floats n) { return _mm512_scalef_ps(x, n); }
+// The even and odd elements of 2 * kLanes floats at p.
+inline void Deinterleave(const float* p, Floats* even, Floats* odd) {
+  const __m512i even_index = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_index = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const Floats a = Load(p), b = Load(p + kLanes);
+  *even = _mm512_permutex2var_ps(a, even_index, b);
+  *odd = _mm512_permutex2var_ps(a, odd_index, b);
+}
+
+// Bytes: one vector of kLanes * 4 bytes, for the int4 kernel's int8 dot products.
+using Bytes = __m512i;
+constexpr int kBytes = 64;
+inline Bytes ZeroBytes() { return _mm512_setzero_si512(); }
+inline Bytes LoadBytes(const void* p) { return _mm512_loadu_si512(p); }
+// The first `available` (> 0) of kBytes bytes at p, zeros after; reads no byte past them.
+inline Bytes LoadBytesUpTo(const uint8_t* p, int64_t available) {
+  if (available >= kBytes) return LoadBytes(p);
+  if (available <= 0) return ZeroBytes();
+  return _mm512_maskz_loadu_epi8(~0ULL >> (64 - available), p);
+}
+inline Bytes LowNibbleBytes(Bytes b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
+inline Bytes HighNibbleBytes(Bytes b) {
+  return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0F));
+}
+// sum + per int32 lane, the 4-byte dot products of unsigned a1 and signed b1, and of a2 and b2
+// (|sum of one lane's 8 products| < 2^15 for 4-bit a: no saturation in either path).
+inline Bytes DotTwo(Bytes sum, Bytes a1, Bytes b1, Bytes a2, Bytes b2) {
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, a1, b1), a2, b2);
+}
+inline Bytes ShiftLanesLeft8(Bytes v) { return _mm512_slli_epi32(v, 8); }
+inline Floats LanesToFloats(Bytes v) { return _mm512_cvtepi32_ps(v); }
+// kLanes / 4 per-block scales at p, each over its block's 4 lanes.
+inline Floats SpreadBlockScales(const float* p) {
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(p)));
+}
+// Rounded lanes stored as kLanes int8 (in range by construction).
+inline void StoreInt8(Floats rounded, int8_t* out) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
+}
+inline Floats Abs(Floats v) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), v); }
+#elif defined(JINFER_AVX2)
+using Floats = __m256;
+constexpr int kLanes = 8;
+inline Floats Zero() { return _mm256_setzero_ps(); }
+inline Floats Set1(float v) { return _mm256_set1_ps(v); }
+inline Floats Load(const float* p) { return _mm256_loadu_ps(p); }
+inline void Store(float* p, Floats v) { _mm256_storeu_ps(p, v); }
+inline Floats Add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+inline Floats Sub(Floats a, Floats b) { return _mm256_sub_ps(a, b); }
+inline Floats Mul(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
+inline Floats Div(Floats a, Floats b) { return _mm256_div_ps(a, b); }
+inline Floats Max(Floats a, Floats b) { return _mm256_max_ps(a, b); }
+inline Floats Min(Floats a, Floats b) { return _mm256_min_ps(a, b); }
+inline Floats Fma(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+inline float ReduceAdd(Floats v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float ReduceMax(Floats v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline __m128i Load8Bytes(const void* p) {
+  return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+}
+inline Floats WidenBF16(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Floats WidenHalves(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Floats WidenInt8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(Load8Bytes(p)));
+}
+inline Floats LowNibbles(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(Load8Bytes(p), _mm_set1_epi8(0x0F))));
+}
+inline Floats HighNibbles(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+      _mm_and_si128(_mm_srli_epi16(Load8Bytes(p), 4), _mm_set1_epi8(0x0F))));
+}
+inline Floats Round(Floats v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// n integral in [-126, 127] (Exp's clamp): 2^n built from its exponent bits.
+inline Floats TimesPowerOfTwo(Floats x, Floats n) {
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(x, _mm256_castsi256_ps(bits));
+}
+inline void Deinterleave(const float* p, Floats* even, Floats* odd) {
+  const Floats a = Load(p), b = Load(p + kLanes);  // per 128-bit half: a0 a2 b0 b2, then order
+  *even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  *odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+
+using Bytes = __m256i;
+constexpr int kBytes = 32;
+inline Bytes ZeroBytes() { return _mm256_setzero_si256(); }
+inline Bytes LoadBytes(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Bytes LoadBytesUpTo(const uint8_t* p, int64_t available) {
+  if (available >= kBytes) return LoadBytes(p);
+  if (available <= 0) return ZeroBytes();
+  alignas(32) uint8_t part[kBytes] = {};
+  std::memcpy(part, p, available);
+  return LoadBytes(part);
+}
+inline Bytes LowNibbleBytes(Bytes b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0F)); }
+inline Bytes HighNibbleBytes(Bytes b) {
+  return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F));
+}
+// Byte pairs into int16 (vpmaddubsw), both products' pairs added, then pairs of those into the
+// int32 lanes (vpmaddwd by ones): the same lanes as two vpdpbusd.
+inline Bytes DotTwo(Bytes sum, Bytes a1, Bytes b1, Bytes a2, Bytes b2) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a1, b1), _mm256_maddubs_epi16(a2, b2));
+  return _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+inline Bytes ShiftLanesLeft8(Bytes v) { return _mm256_slli_epi32(v, 8); }
+inline Floats LanesToFloats(Bytes v) { return _mm256_cvtepi32_ps(v); }
+inline Floats SpreadBlockScales(const float* p) {
+  return _mm256_set_m128(_mm_set1_ps(p[1]), _mm_set1_ps(p[0]));
+}
+inline void StoreInt8(Floats rounded, int8_t* out) {
+  const __m256i words = _mm256_packs_epi32(_mm256_cvtps_epi32(rounded), _mm256_setzero_si256());
+  const __m256i bytes = _mm256_packs_epi16(words, _mm256_setzero_si256());  // 4 per 128-bit half
+  const int32_t low = _mm256_extract_epi32(bytes, 0), high = _mm256_extract_epi32(bytes, 4);
+  std::memcpy(out, &low, 4);
+  std::memcpy(out + 4, &high, 4);
+}
+inline Floats Abs(Floats v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+#endif
 
 // Helper threads for the kernels' loops over output rows. A decode step calls a kernel every
 // 50-300 us, and a helper woken from sleep (XLA's intra-op pool, or any condition variable)
@@ -194,22 +378,20 @@ inline void PrefetchAhead(const void* weights) {
 #endif
 }
 
-#ifdef JINFER_AVX512
-// e^x for 16 lanes: 2^(x log2 e) split into an integer power (scalef) and 2^f, |f| <= 1/2, by a
-// degree-6 polynomial (relative error about 2e-7). Arguments are clamped to -87 (e^-87 is
-// about 1.6e-38); a NaN argument gives e^-87, not NaN (scores are finite unless the model
-// already produced NaN).
-inline __m512 Exp16(__m512 x) {
-  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
-                                 _mm512_set1_ps(1.44269504f));
-  const __m512 n = _mm512_roundscale_ps(t, kNearest);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+#ifdef JINFER_SIMD
+// e^x per lane: 2^(x log2 e) split into an integer power n and 2^f, |f| <= 1/2, by a degree-6
+// polynomial (relative error about 2e-7). Arguments are clamped to [-87, 88] (e^-87 is about
+// 1.6e-38, e^88 about 1.7e38), so n stays a normal float's exponent; a NaN argument gives
+// e^-87, not NaN (scores are finite unless the model already produced NaN).
+inline Floats Exp(Floats x) {
+  const Floats t = Mul(Min(Max(x, Set1(-87.0f)), Set1(88.0f)), Set1(1.44269504f));
+  const Floats n = Round(t);
+  const Floats f = Sub(t, n);
+  Floats p = Set1(1.5403530e-4f);
   for (const float c : {1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f,
                         6.9314718e-1f, 1.0f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+    p = Fma(p, f, Set1(c));
+  return TimesPowerOfTwo(p, n);
 }
 #endif
 
@@ -247,17 +429,12 @@ const float* PrepareInput(const float* x, int64_t M, int64_t K, const MatmulFusi
     if (f.swiglu) {
       const float* pairs = x + m * 2 * K;
       int64_t k = 0;
-#ifdef JINFER_AVX512
-      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-      const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-      for (; k + 16 <= K; k += 16) {
-        const __m512 a = _mm512_loadu_ps(pairs + 2 * k), b = _mm512_loadu_ps(pairs + 2 * k + 16);
-        const __m512 gate = _mm512_permutex2var_ps(a, even, b);
-        const __m512 up = _mm512_permutex2var_ps(a, odd, b);
-        const __m512 sigmoid = _mm512_div_ps(
-            _mm512_set1_ps(1.0f),
-            _mm512_add_ps(_mm512_set1_ps(1.0f), Exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
-        _mm512_storeu_ps(row + k, _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), up));
+#ifdef JINFER_SIMD
+      for (; k + kLanes <= K; k += kLanes) {
+        Floats gate, up;
+        Deinterleave(pairs + 2 * k, &gate, &up);
+        const Floats sigmoid = Div(Set1(1.0f), Add(Set1(1.0f), Exp(Sub(Zero(), gate))));
+        Store(row + k, Mul(Mul(gate, sigmoid), up));
       }
 #endif
       for (; k < K; ++k) row[k] = Silu(pairs[2 * k]) * pairs[2 * k + 1];
@@ -274,14 +451,14 @@ const float* PrepareInput(const float* x, int64_t M, int64_t K, const MatmulFusi
   return in;
 }
 
-// Per-format weight rows. Each loads 16 consecutive inputs of one row as float32 (Load16) and
-// knows its scalar value (At) for the portable path.
+// Per-format weight rows. Each loads kLanes consecutive inputs of one row as float32 (Load)
+// and knows its scalar value (At) for the portable path.
 struct F32Row {
   const float* w;
   const void* Address(int64_t k) const { return w + k; }
   float At(int64_t k) const { return w[k]; }
-#ifdef JINFER_AVX512
-  __m512 Load16(int64_t k) const { return _mm512_loadu_ps(w + k); }
+#ifdef JINFER_SIMD
+  Floats Load(int64_t k) const { return ::Load(w + k); }
 #endif
 };
 
@@ -294,11 +471,8 @@ struct BF16Row {
     std::memcpy(&f, &bits, sizeof(f));
     return f;
   }
-#ifdef JINFER_AVX512
-  __m512 Load16(int64_t k) const {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+#ifdef JINFER_SIMD
+  Floats Load(int64_t k) const { return WidenBF16(w + k); }
 #endif
 };
 
@@ -306,31 +480,28 @@ struct Int8Row {
   const int8_t* w;
   const void* Address(int64_t k) const { return w + k; }
   float At(int64_t k) const { return w[k]; }
-#ifdef JINFER_AVX512
-  __m512 Load16(int64_t k) const {
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-  }
+#ifdef JINFER_SIMD
+  Floats Load(int64_t k) const { return WidenInt8(w + k); }
 #endif
 };
 
 // sum over one group [k0, k0 + len) of x[i, k] * w[k], for MT rows of x (stride ldx), added
 // times `scale` into acc. len is a multiple of 32.
-#ifdef JINFER_AVX512
+#ifdef JINFER_SIMD
 template <int MT, typename Row>
 inline void AccumulateGroup(const float* x, int64_t ldx, const Row& row, int64_t k0, int64_t len,
-                            __m512 scale, __m512* acc) {
-  __m512 even[MT], odd[MT];  // two chains per row hide the FMA latency
-  for (int i = 0; i < MT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k0 + len; k += 32) {
+                            Floats scale, Floats* acc) {
+  Floats even[MT], odd[MT];  // two chains per row hide the FMA latency
+  for (int i = 0; i < MT; ++i) even[i] = odd[i] = Zero();
+  for (int64_t k = k0; k < k0 + len; k += 2 * kLanes) {
     PrefetchAhead(row.Address(k));
-    const __m512 w0 = row.Load16(k), w1 = row.Load16(k + 16);
+    const Floats w0 = row.Load(k), w1 = row.Load(k + kLanes);
     for (int i = 0; i < MT; ++i) {
-      even[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), w0, even[i]);
-      odd[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k + 16), w1, odd[i]);
+      even[i] = Fma(Load(x + i * ldx + k), w0, even[i]);
+      odd[i] = Fma(Load(x + i * ldx + k + kLanes), w1, odd[i]);
     }
   }
-  for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(_mm512_add_ps(even[i], odd[i]), scale, acc[i]);
+  for (int i = 0; i < MT; ++i) acc[i] = Fma(Add(even[i], odd[i]), scale, acc[i]);
 }
 #endif
 
@@ -339,16 +510,16 @@ inline void AccumulateGroup(const float* x, int64_t ldx, const Row& row, int64_t
 template <int MT, typename Row>
 inline void DotRows(const float* x, int64_t ldx, int64_t K, const Row& row, int64_t group,
                     const float* group_scales, float* out) {
-#ifdef JINFER_AVX512
-  __m512 acc[MT];
-  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+#ifdef JINFER_SIMD
+  Floats acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = Zero();
   if (group_scales == nullptr) {
-    AccumulateGroup<MT>(x, ldx, row, 0, K, _mm512_set1_ps(1.0f), acc);
+    AccumulateGroup<MT>(x, ldx, row, 0, K, Set1(1.0f), acc);
   } else {
     for (int64_t g = 0; g * group < K; ++g)
-      AccumulateGroup<MT>(x, ldx, row, g * group, group, _mm512_set1_ps(group_scales[g]), acc);
+      AccumulateGroup<MT>(x, ldx, row, g * group, group, Set1(group_scales[g]), acc);
   }
-  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < MT; ++i) out[i] = ReduceAdd(acc[i]);
 #else
   for (int i = 0; i < MT; ++i) out[i] = 0.0f;
   for (int64_t g0 = 0; g0 < K; g0 += group) {
@@ -367,26 +538,24 @@ inline void DotRows(const float* x, int64_t ldx, int64_t K, const Row& row, int6
 template <typename Row>
 inline void DotFourRows(const float* x, int64_t K, const Row* rows, int64_t group,
                         const float* group_scales, int64_t groups_per_row, float* out) {
-#ifdef JINFER_AVX512
-  __m512 acc[4];
-  for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+#ifdef JINFER_SIMD
+  Floats acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = Zero();
   for (int64_t g0 = 0; g0 < K; g0 += group) {
-    __m512 part[4];
-    for (int i = 0; i < 4; ++i) part[i] = _mm512_setzero_ps();
-    for (int64_t k = g0; k < g0 + group; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k);
+    Floats part[4];
+    for (int i = 0; i < 4; ++i) part[i] = Zero();
+    for (int64_t k = g0; k < g0 + group; k += kLanes) {
+      const Floats xv = Load(x + k);
       for (int i = 0; i < 4; ++i) PrefetchAhead(rows[i].Address(k));
-      for (int i = 0; i < 4; ++i) part[i] = _mm512_fmadd_ps(xv, rows[i].Load16(k), part[i]);
+      for (int i = 0; i < 4; ++i) part[i] = Fma(xv, rows[i].Load(k), part[i]);
     }
     for (int i = 0; i < 4; ++i) {
       acc[i] = group_scales == nullptr
-                   ? _mm512_add_ps(acc[i], part[i])
-                   : _mm512_fmadd_ps(part[i],
-                                     _mm512_set1_ps(group_scales[i * groups_per_row + g0 / group]),
-                                     acc[i]);
+                   ? Add(acc[i], part[i])
+                   : Fma(part[i], Set1(group_scales[i * groups_per_row + g0 / group]), acc[i]);
     }
   }
-  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < 4; ++i) out[i] = ReduceAdd(acc[i]);
 #else
   for (int i = 0; i < 4; ++i) {
     DotRows<1>(x, K, K, rows[i], group,
@@ -531,50 +700,39 @@ constexpr int64_t kMaxGroups = 2048;  // int4 groups per weight row (K <= 65536 
 // A row's G float16 scales or offsets as float32 (vector conversion, off the FMA chains).
 inline void HalvesToFloats(const uint16_t* h, int64_t G, float* out) {
   int64_t g = 0;
-#ifdef JINFER_AVX512
-  for (; g + 16 <= G; g += 16)
-    _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                  reinterpret_cast<const __m256i*>(h + g))));
+#ifdef JINFER_SIMD
+  for (; g + kLanes <= G; g += kLanes) Store(out + g, WidenHalves(h + g));
 #endif
   for (; g < G; ++g) out[g] = HalfToFloat(h[g]);
 }
 
-#ifdef JINFER_AVX512
-// The 32 codes of the 16 bytes at p as floats: inputs 2j (low nibbles), inputs 2j + 1 (high).
-inline void DecodeInt4Block(const uint8_t* p, __m512* lo, __m512* hi) {
-  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low_nibbles)));
-  *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles)));
-}
-#endif
-
 // sum_k x[i, k] * code[k] * scale(group of k) for MT rows of shuffled x (stride K) against one
 // packed int4 weight row: each 32-code block is decoded to floats once and multiplied into all
-// MT rows, so a batch costs one decode per weight, as the float path's loads do.
+// MT rows, so a batch costs one decode per weight, as the float path's loads do. A block's 16
+// bytes hold its even inputs in the low nibbles (x[k, k + 16)) and odd in the high ones.
 template <int MT>
 inline void Int4DotRows(const float* xs, int64_t K, const uint8_t* row, int64_t group,
                         const float* scales, float* out) {
-#ifdef JINFER_AVX512
+#ifdef JINFER_SIMD
   // The group's scale is folded into the decoded block (2 multiplies) rather than applied to
   // per-group partial sums of every x row (MT adds and FMAs per block).
-  __m512 even[MT], odd[MT];
-  for (int i = 0; i < MT; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  Floats even[MT], odd[MT];
+  for (int i = 0; i < MT; ++i) even[i] = odd[i] = Zero();
   for (int64_t g0 = 0; g0 < K; g0 += group) {
-    const __m512 scale = _mm512_set1_ps(scales[g0 / group]);
+    const Floats scale = Set1(scales[g0 / group]);
     for (int64_t k = g0; k < g0 + group; k += 32) {
       PrefetchAhead(row + k / 2);
-      __m512 lo, hi;
-      DecodeInt4Block(row + k / 2, &lo, &hi);
-      lo = _mm512_mul_ps(lo, scale);
-      hi = _mm512_mul_ps(hi, scale);
-      for (int i = 0; i < MT; ++i) {
-        even[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k), lo, even[i]);
-        odd[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + i * K + k + 16), hi, odd[i]);
+      for (int c = 0; c < 16; c += kLanes) {
+        const Floats lo = Mul(LowNibbles(row + k / 2 + c), scale);
+        const Floats hi = Mul(HighNibbles(row + k / 2 + c), scale);
+        for (int i = 0; i < MT; ++i) {
+          even[i] = Fma(Load(xs + i * K + k + c), lo, even[i]);
+          odd[i] = Fma(Load(xs + i * K + k + 16 + c), hi, odd[i]);
+        }
       }
     }
   }
-  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+  for (int i = 0; i < MT; ++i) out[i] = ReduceAdd(Add(even[i], odd[i]));
 #else
   for (int i = 0; i < MT; ++i) out[i] = 0.0f;
   for (int64_t g0 = 0; g0 < K; g0 += group) {
@@ -595,31 +753,31 @@ inline void Int4DotRows(const float* xs, int64_t K, const uint8_t* row, int64_t 
 // per four decoded blocks. scales: the four rows' G float scales, row after row.
 inline void Int4DotFourRows(const float* xs, int64_t K, const uint8_t* const* rows,
                             int64_t group, const float* scales, int64_t G, float* out) {
-#ifdef JINFER_AVX512
-  __m512 acc[4];
-  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+#ifdef JINFER_SIMD
+  Floats acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = Zero();
   for (int64_t g0 = 0; g0 < K; g0 += group) {
-    __m512 part[4];
-    for (int r = 0; r < 4; ++r) part[r] = _mm512_setzero_ps();
+    Floats part[4];
+    for (int r = 0; r < 4; ++r) part[r] = Zero();
     for (int64_t k = g0; k < g0 + group; k += 32) {
-      const __m512 x_even = _mm512_loadu_ps(xs + k), x_odd = _mm512_loadu_ps(xs + k + 16);
-      for (int r = 0; r < 4; ++r) {
-        PrefetchAhead(rows[r] + k / 2);
-        __m512 lo, hi;
-        DecodeInt4Block(rows[r] + k / 2, &lo, &hi);
-        part[r] = _mm512_fmadd_ps(x_odd, hi, _mm512_fmadd_ps(x_even, lo, part[r]));
+      for (int r = 0; r < 4; ++r) PrefetchAhead(rows[r] + k / 2);
+      for (int c = 0; c < 16; c += kLanes) {
+        const Floats x_even = Load(xs + k + c), x_odd = Load(xs + k + 16 + c);
+        for (int r = 0; r < 4; ++r) {
+          const uint8_t* p = rows[r] + k / 2 + c;
+          part[r] = Fma(x_odd, HighNibbles(p), Fma(x_even, LowNibbles(p), part[r]));
+        }
       }
     }
-    for (int r = 0; r < 4; ++r)
-      acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(scales[r * G + g0 / group]), acc[r]);
+    for (int r = 0; r < 4; ++r) acc[r] = Fma(part[r], Set1(scales[r * G + g0 / group]), acc[r]);
   }
-  for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < 4; ++r) out[r] = ReduceAdd(acc[r]);
 #else
   for (int r = 0; r < 4; ++r) Int4DotRows<1>(xs, K, rows[r], group, scales + r * G, out + r);
 #endif
 }
 
-#ifdef JINFER_VNNI
+#ifdef JINFER_INT8_DOT
 // x rows for the int4 kernel's integer dot products. Each block of 32 inputs is stored as two
 // int8 levels, x ~ d * (q1 + q2 / 256) with d = max|x| / 127: q1 rounds x / d, q2 rounds the
 // remainder in 256ths of d, so each input keeps about 15 bits, close to float accuracy (plain
@@ -627,7 +785,7 @@ inline void Int4DotFourRows(const float* xs, int64_t K, const uint8_t* const* ro
 // of 4 blocks, matching one 64-byte load of packed codes whose low nibbles are the even
 // inputs and high nibbles the odd ones): q1 of the even inputs (16 per block, block after
 // block), q1 of the odd inputs, then q2 likewise; 256 bytes per quad. lane_scales holds d / 256
-// for each block's 4 lanes of a vpdpbusd result. K is padded to whole quads with zeros.
+// for each block's 4 lanes of an int8 dot product's int32 result. K is padded to whole quads with zeros.
 struct TwoLevelX {
   int64_t quads;
   std::vector<int8_t> codes;        // [M, quads, 256]
@@ -636,17 +794,14 @@ struct TwoLevelX {
   std::vector<float> group_sums;    // [M, padded_groups]: sums of the represented x per group
 };
 
-// q1 and q2 of 16 inputs already scaled by 1 / d, stored as 16 bytes each; returns the sum of
+// q1 and q2 of kLanes inputs already scaled by 1 / d, stored as kLanes bytes each; returns
 // what they represent, in units of d.
-inline __m512 StoreTwoLevel(__m512 scaled, int8_t* q1_out, int8_t* q2_out) {
-  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 q1 = _mm512_roundscale_ps(scaled, kNearest);
-  const __m512 q2 = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
-      _mm512_mul_ps(_mm512_sub_ps(scaled, q1), _mm512_set1_ps(256.0f)), kNearest),
-      _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q1_out), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q1)));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q2_out), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q2)));
-  return _mm512_fmadd_ps(q2, _mm512_set1_ps(1.0f / 256.0f), q1);
+inline Floats StoreTwoLevel(Floats scaled, int8_t* q1_out, int8_t* q2_out) {
+  const Floats q1 = Round(scaled);
+  const Floats q2 = Min(Max(Round(Mul(Sub(scaled, q1), Set1(256.0f))), Set1(-127.0f)), Set1(127.0f));
+  StoreInt8(q1, q1_out);
+  StoreInt8(q2, q2_out);
+  return Fma(q2, Set1(1.0f / 256.0f), q1);
 }
 
 TwoLevelX QuantizeTwoLevel(const float* x, int64_t M, int64_t K, int64_t group) {
@@ -656,93 +811,86 @@ TwoLevelX QuantizeTwoLevel(const float* x, int64_t M, int64_t K, int64_t group) 
   out.lane_scales.assign(M * out.quads * 16, 0.0f);
   out.padded_groups = (K / group + 15) / 16 * 16;
   out.group_sums.assign(M * out.padded_groups, 0.0f);
-  const __m512i even_index = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd_index = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  const __m512 sign_bit = _mm512_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / 32; ++b) {
-      const __m512 x0 = _mm512_loadu_ps(x + m * K + b * 32);
-      const __m512 x1 = _mm512_loadu_ps(x + m * K + b * 32 + 16);
-      const float amax = _mm512_reduce_max_ps(
-          _mm512_max_ps(_mm512_andnot_ps(sign_bit, x0), _mm512_andnot_ps(sign_bit, x1)));
+      const float* block = x + m * K + b * 32;
+      Floats amax_lanes = Zero();
+      for (int c = 0; c < 32; c += kLanes) amax_lanes = Max(amax_lanes, Abs(Load(block + c)));
+      const float amax = ReduceMax(amax_lanes);
       const float d = amax / 127.0f;
       // Blocks below 127 * FLT_MIN count as zeros: 127 / amax would overflow to inf.
-      const __m512 inv = _mm512_set1_ps(amax > 127.0f * FLT_MIN ? 127.0f / amax : 0.0f);
+      const Floats inv = Set1(amax > 127.0f * FLT_MIN ? 127.0f / amax : 0.0f);
       const int64_t quad = b / 4, slot = b % 4;
       // Input 2i is the low nibble of byte i: even inputs first, then odd, per level.
       int8_t* q = out.codes.data() + (m * out.quads + quad) * 256 + slot * 16;
-      const __m512 even = _mm512_mul_ps(_mm512_permutex2var_ps(x0, even_index, x1), inv);
-      const __m512 odd = _mm512_mul_ps(_mm512_permutex2var_ps(x0, odd_index, x1), inv);
-      const __m512 represented = _mm512_add_ps(StoreTwoLevel(even, q, q + 128),
-                                               StoreTwoLevel(odd, q + 64, q + 192));
-      _mm_storeu_ps(out.lane_scales.data() + (m * out.quads + quad) * 16 + slot * 4,
-                    _mm_set1_ps(d / 256.0f));
-      out.group_sums[m * out.padded_groups + b * 32 / group] +=
-          d * _mm512_reduce_add_ps(represented);
+      Floats represented = Zero();
+      for (int c = 0; c < 16; c += kLanes) {  // even and odd inputs [c, c + kLanes) of 16
+        Floats even, odd;
+        Deinterleave(block + 2 * c, &even, &odd);
+        represented = Add(represented, Add(StoreTwoLevel(Mul(even, inv), q + c, q + 128 + c),
+                                           StoreTwoLevel(Mul(odd, inv), q + 64 + c, q + 192 + c)));
+      }
+      std::fill_n(out.lane_scales.data() + (m * out.quads + quad) * 16 + slot * 4, 4, d / 256.0f);
+      out.group_sums[m * out.padded_groups + b * 32 / group] += d * ReduceAdd(represented);
     }
   }
   return out;
 }
 
 // R int4 weight rows times MT two-level x rows, integer dot products per quad (128 inputs):
-// per quad and weight row one 64-byte load of codes split into nibbles, per (row, x row)
-// four vpdpbusd (codes x q1 even/odd, shifted by 8 bits, codes x q2 even/odd) whose 16 int32
-// lanes (4 per block) are converted once and scaled by the block's weight scale times d / 256.
-// block_scales[r]: row r's scale of each 32-input block, zero-padded to whole quads. The
-// offsets' term, sum_g offset[g] * sum of x over group g, joins the same accumulators
-// (offsets[r]: row r's, zero-padded to x.padded_groups).
+// per quad and weight row 64 bytes of codes (one or two Bytes loads) split into nibbles, per
+// (row, x row) the dot products of codes x q1 even/odd, shifted by 8 bits, plus codes x q2
+// even/odd, whose int32 lanes (4 per block) are converted once and scaled by the block's
+// weight scale times d / 256. block_scales[r]: row r's scale of each 32-input block,
+// zero-padded to whole quads. The offsets' term, sum_g offset[g] * sum of x over group g,
+// joins the same accumulators (offsets[r]: row r's, zero-padded to x.padded_groups).
 template <int R, int MT>
-inline void Int4DotVnni(const TwoLevelX& x, int64_t m0, const uint8_t* const* rows,
-                        int64_t row_bytes, const float* const* block_scales,
-                        const float* const* offsets, float* out) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const int64_t quads = x.quads, full = row_bytes / 64;
-  const __mmask64 tail = (row_bytes % 64) ? (~0ULL >> (64 - row_bytes % 64)) : ~0ULL;
-  __m512 acc[R][MT];
+inline void Int4DotTwoLevel(const TwoLevelX& x, int64_t m0, const uint8_t* const* rows,
+                            int64_t row_bytes, const float* const* block_scales,
+                            const float* const* offsets, float* out) {
+  const int64_t quads = x.quads;
+  Floats acc[R][MT];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int i = 0; i < MT; ++i) acc[r][i] = Zero();
   for (int64_t q = 0; q < quads; ++q) {
-    __m512i lo[R], hi[R];
-    __m512 w_scale[R];
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = rows[r] + q * 64;
-      PrefetchAhead(p);
-      const __m512i codes = q < full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
-      lo[r] = _mm512_and_si512(codes, nibble);
-      hi[r] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
-      w_scale[r] = _mm512_permutexvar_ps(
-          spread, _mm512_castps128_ps512(_mm_loadu_ps(block_scales[r] + 4 * q)));
-    }
-    for (int i = 0; i < MT; ++i) {
-      const int8_t* xq = x.codes.data() + ((m0 + i) * quads + q) * 256;
-      const __m512i even1 = _mm512_loadu_si512(xq), odd1 = _mm512_loadu_si512(xq + 64);
-      const __m512i even2 = _mm512_loadu_si512(xq + 128), odd2 = _mm512_loadu_si512(xq + 192);
-      const __m512 x_scale = _mm512_loadu_ps(x.lane_scales.data() + ((m0 + i) * quads + q) * 16);
+    for (int c = 0; c < 64; c += kBytes) {  // the quad's codes, kBytes at a time
+      Bytes lo[R], hi[R];
+      Floats w_scale[R];
       for (int r = 0; r < R; ++r) {
-        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], even1);
-        sum = _mm512_slli_epi32(_mm512_dpbusd_epi32(sum, hi[r], odd1), 8);
-        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, lo[r], even2), hi[r], odd2);
-        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(w_scale[r], x_scale),
-                                    acc[r][i]);
+        const uint8_t* p = rows[r] + q * 64 + c;
+        PrefetchAhead(p);
+        const Bytes codes = LoadBytesUpTo(p, row_bytes - q * 64 - c);
+        lo[r] = LowNibbleBytes(codes);
+        hi[r] = HighNibbleBytes(codes);
+        w_scale[r] = SpreadBlockScales(block_scales[r] + 4 * q + c / 16);
+      }
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* xq = x.codes.data() + ((m0 + i) * quads + q) * 256 + c;
+        const Bytes even1 = LoadBytes(xq), odd1 = LoadBytes(xq + 64);
+        const Bytes even2 = LoadBytes(xq + 128), odd2 = LoadBytes(xq + 192);
+        const Floats x_scale = Load(x.lane_scales.data() + ((m0 + i) * quads + q) * 16 + c / 4);
+        for (int r = 0; r < R; ++r) {
+          const Bytes high = ShiftLanesLeft8(DotTwo(ZeroBytes(), lo[r], even1, hi[r], odd1));
+          const Bytes sum = DotTwo(high, lo[r], even2, hi[r], odd2);
+          acc[r][i] = Fma(LanesToFloats(sum), Mul(w_scale[r], x_scale), acc[r][i]);
+        }
       }
     }
   }
-  for (int64_t g = 0; g < x.padded_groups; g += 16) {
+  for (int64_t g = 0; g < x.padded_groups; g += kLanes) {
     for (int i = 0; i < MT; ++i) {
-      const __m512 sums = _mm512_loadu_ps(x.group_sums.data() + (m0 + i) * x.padded_groups + g);
-      for (int r = 0; r < R; ++r)
-        acc[r][i] = _mm512_fmadd_ps(_mm512_loadu_ps(offsets[r] + g), sums, acc[r][i]);
+      const Floats sums = Load(x.group_sums.data() + (m0 + i) * x.padded_groups + g);
+      for (int r = 0; r < R; ++r) acc[r][i] = Fma(Load(offsets[r] + g), sums, acc[r][i]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MT; ++i) out[r * MT + i] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int i = 0; i < MT; ++i) out[r * MT + i] = ReduceAdd(acc[r][i]);
 }
 
 // Every x row against rows [n0, n1): weight rows by R (4 at one x row, where independent
 // accumulators hide latency; 2 with x rows in tiles of 4, one code split for 4 x rows).
 template <int R>
-void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+void Int4RowsTwoLevel(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
                   const uint8_t* wp, const uint16_t* sp, const uint16_t* op, int64_t G,
                   const Output& y) {
   const int64_t group = K / G, blocks = x.quads * 4;
@@ -773,17 +921,17 @@ void Int4RowsVnni(const TwoLevelX& x, int64_t M, int64_t K, int64_t N, int64_t n
     for (int64_t m = 0; m < M; m += 4) {
       const int64_t mt = std::min<int64_t>(4, M - m);
       switch (mt) {
-        case 4: Int4DotVnni<R, 4>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
-        case 3: Int4DotVnni<R, 3>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
-        case 2: Int4DotVnni<R, 2>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
-        default: Int4DotVnni<R, 1>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        case 4: Int4DotTwoLevel<R, 4>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        case 3: Int4DotTwoLevel<R, 3>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        case 2: Int4DotTwoLevel<R, 2>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
+        default: Int4DotTwoLevel<R, 1>(x, m, rows, K / 2, block_scales, row_offsets, out); break;
       }
       for (int r = 0; r < R; ++r)
         for (int64_t i = 0; i < mt; ++i) y.Store(m + i, n + r, out[r * mt + i]);
     }
   }
 }
-#endif  // JINFER_VNNI
+#endif  // JINFER_INT8_DOT
 
 // int4: w[n, k] = code * scale[n, g] + offset[n, g], scales and offsets float16. The offsets
 // term is offset[n, g] * sum_{k in g} x[m, k], so per-group sums of x are taken once per call.
@@ -805,7 +953,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const uint8_t* wp = codes.typed_data();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.untyped_data());
   const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.untyped_data());
-#ifdef JINFER_VNNI
+#ifdef JINFER_INT8_DOT
   {
     const TwoLevelX xq = QuantizeTwoLevel(xp, M, K, group);
     const TwoLevelX* xqp = &xq;
@@ -813,14 +961,14 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       int64_t n = n0;
       if (M == 1) {
         const int64_t n4 = n0 + (n1 - n0) / 4 * 4;
-        Int4RowsVnni<4>(*xqp, M, K, N, n, n4, wp, sp, op, G, out);
+        Int4RowsTwoLevel<4>(*xqp, M, K, N, n, n4, wp, sp, op, G, out);
         n = n4;
       } else {
         const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
-        Int4RowsVnni<2>(*xqp, M, K, N, n, n2, wp, sp, op, G, out);
+        Int4RowsTwoLevel<2>(*xqp, M, K, N, n, n2, wp, sp, op, G, out);
         n = n2;
       }
-      Int4RowsVnni<1>(*xqp, M, K, N, n, n1, wp, sp, op, G, out);
+      Int4RowsTwoLevel<1>(*xqp, M, K, N, n, n1, wp, sp, op, G, out);
     });
     return ffi::Error::Success();
   }
@@ -893,14 +1041,14 @@ inline void AddScaled(float p, const Row& v, int64_t H, float* out) {
   for (int64_t h = 0; h < H; ++h) out[h] += p * v.At(h);
 }
 
-#ifdef JINFER_AVX512
+#ifdef JINFER_SIMD
 
-// The AVX-512 path of AttendOneHead for H % 16 == 0, G query heads at a time (a compile-time
-// count, so their accumulators stay in registers: with a run-time count they lived on the
-// stack and every FMA waited on a store, 3x slower): every key row is loaded (and, for
+// The vector path of AttendOneHead for H % kLanes == 0, G query heads at a time (a
+// compile-time count, so their accumulators stay in registers: with a run-time count they lived
+// on the stack and every FMA waited on a store, 3x slower): every key row is loaded (and, for
 // bfloat16, widened) once for all G query heads, and every value row once per 4 heads; the
-// scores' exponentials run 16 at a time; the weighted sum of values stays in registers (up to
-// 4 heads by 64 columns at a time) and is normalised once at the end.
+// scores' exponentials run kLanes at a time; the weighted sum of values stays in registers (up
+// to 4 heads by 4 vectors of columns at a time) and is normalised once at the end.
 constexpr int64_t kMaxGroupsInRegisters = 8;
 
 // The cache slots a step reads are mostly in memory, not in cache (the weights streamed since
@@ -915,27 +1063,27 @@ inline void PrefetchSlot(const Elem* row, int64_t H) {
     _mm_prefetch(bytes + b, _MM_HINT_T1);
 }
 
-// out[g, h:h + 16 * TILES] for GN heads from the scores' weights over the visible slots.
+// out[g, h:h + kLanes * TILES] for GN heads from the scores' weights over the visible slots.
 template <int GN, int TILES, typename Row, typename ValueAt>
 inline void WeightedValues(const float* weights_GxS, ValueAt v_at, int64_t visible, int64_t h,
                            const float* inv_total, int64_t H, float* out_GxH) {
-  __m512 acc[GN][TILES];
+  Floats acc[GN][TILES];
   for (int g = 0; g < GN; ++g)
-    for (int c = 0; c < TILES; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int c = 0; c < TILES; ++c) acc[g][c] = Zero();
   for (int64_t s = 0; s < visible; ++s) {
     if (h == 0 && s + kSlotsAhead < visible) PrefetchSlot(v_at(s + kSlotsAhead), H);
     const Row v{v_at(s)};
-    __m512 value[TILES];
-    for (int c = 0; c < TILES; ++c) value[c] = v.Load16(h + c * 16);
+    Floats value[TILES];
+    for (int c = 0; c < TILES; ++c) value[c] = v.Load(h + c * kLanes);
     for (int g = 0; g < GN; ++g) {
-      const __m512 weight = _mm512_set1_ps(weights_GxS[g * visible + s]);
-      for (int c = 0; c < TILES; ++c) acc[g][c] = _mm512_fmadd_ps(weight, value[c], acc[g][c]);
+      const Floats weight = Set1(weights_GxS[g * visible + s]);
+      for (int c = 0; c < TILES; ++c) acc[g][c] = Fma(weight, value[c], acc[g][c]);
     }
   }
   for (int g = 0; g < GN; ++g) {
-    const __m512 norm = _mm512_set1_ps(inv_total[g]);
+    const Floats norm = Set1(inv_total[g]);
     for (int c = 0; c < TILES; ++c)
-      _mm512_storeu_ps(out_GxH + g * H + h + c * 16, _mm512_mul_ps(acc[g][c], norm));
+      Store(out_GxH + g * H + h + c * kLanes, Mul(acc[g][c], norm));
   }
 }
 
@@ -943,9 +1091,9 @@ template <int GN, typename Row, typename ValueAt>
 void WeightedValuesAllColumns(const float* weights_GxS, ValueAt v_at, int64_t visible,
                               const float* inv_total, int64_t H, float* out_GxH) {
   int64_t h = 0;
-  for (; h + 64 <= H; h += 64)
+  for (; h + 4 * kLanes <= H; h += 4 * kLanes)
     WeightedValues<GN, 4, Row>(weights_GxS, v_at, visible, h, inv_total, H, out_GxH);
-  switch ((H - h) / 16) {
+  switch ((H - h) / kLanes) {
     case 3: WeightedValues<GN, 3, Row>(weights_GxS, v_at, visible, h, inv_total, H, out_GxH); break;
     case 2: WeightedValues<GN, 2, Row>(weights_GxS, v_at, visible, h, inv_total, H, out_GxH); break;
     case 1: WeightedValues<GN, 1, Row>(weights_GxS, v_at, visible, h, inv_total, H, out_GxH); break;
@@ -954,38 +1102,43 @@ void WeightedValuesAllColumns(const float* weights_GxS, ValueAt v_at, int64_t vi
 }
 
 template <int G, typename Row, typename KeyAt, typename ValueAt>
-void AttendOneHeadAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t visible,
+void AttendOneHeadVector(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t visible,
                          int64_t H, float* out_GxH, float* scores_GxS) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   for (int64_t s = 0; s < visible; ++s) {
     if (s + kSlotsAhead < visible) PrefetchSlot(k_at(s + kSlotsAhead), H);
     const Row k{k_at(s)};
-    __m512 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t h = 0; h < H; h += 16) {
-      const __m512 key = k.Load16(h);
-      for (int g = 0; g < G; ++g)
-        acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q_GxH + g * H + h), key, acc[g]);
+    Floats acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = Zero();
+    for (int64_t h = 0; h < H; h += kLanes) {
+      const Floats key = k.Load(h);
+      for (int g = 0; g < G; ++g) acc[g] = Fma(Load(q_GxH + g * H + h), key, acc[g]);
     }
-    for (int g = 0; g < G; ++g) scores_GxS[g * visible + s] = _mm512_reduce_add_ps(acc[g]) * scale;
+    for (int g = 0; g < G; ++g) scores_GxS[g * visible + s] = ReduceAdd(acc[g]) * scale;
   }
   float inv_total[G];
   for (int g = 0; g < G; ++g) {
     float* row = scores_GxS + g * visible;
-    __m512 max16 = _mm512_set1_ps(-INFINITY);
+    Floats max_lanes = Set1(-INFINITY);
     int64_t s = 0;
-    for (; s + 16 <= visible; s += 16) max16 = _mm512_max_ps(max16, _mm512_loadu_ps(row + s));
-    float max_score = _mm512_reduce_max_ps(max16);
-    for (; s < visible; ++s) max_score = std::max(max_score, row[s]);
-    const __m512 shift = _mm512_set1_ps(max_score);
-    __m512 total16 = _mm512_setzero_ps();
-    for (s = 0; s < visible; s += 16) {
-      const __mmask16 live = visible - s >= 16 ? 0xFFFF : (1u << (visible - s)) - 1;
-      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + s), shift));
-      _mm512_mask_storeu_ps(row + s, live, e);
-      total16 = _mm512_add_ps(total16, _mm512_maskz_mov_ps(live, e));
+    for (; s + kLanes <= visible; s += kLanes) max_lanes = Max(max_lanes, Load(row + s));
+    float max_score = ReduceMax(max_lanes);
+    for (int64_t t = s; t < visible; ++t) max_score = std::max(max_score, row[t]);
+    const Floats shift = Set1(max_score);
+    Floats total_lanes = Zero();
+    for (s = 0; s + kLanes <= visible; s += kLanes) {
+      const Floats e = Exp(Sub(Load(row + s), shift));
+      Store(row + s, e);
+      total_lanes = Add(total_lanes, e);
     }
-    inv_total[g] = 1.0f / _mm512_reduce_add_ps(total16);
+    float tail_total = 0.0f;
+    if (s < visible) {  // the last slots, through a buffer
+      float tail[kLanes] = {};
+      std::copy(row + s, row + visible, tail);
+      Store(tail, Exp(Sub(Load(tail), shift)));
+      for (int64_t t = 0; t < visible - s; ++t) tail_total += row[s + t] = tail[t];
+    }
+    inv_total[g] = 1.0f / (ReduceAdd(total_lanes) + tail_total);
   }
   constexpr int kFull = G / 4, kRest = G % 4;  // values for 4 heads at a time, then the rest
   for (int b = 0; b < kFull; ++b)
@@ -996,14 +1149,14 @@ void AttendOneHeadAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t v
                                          inv_total + 4 * kFull, H, out_GxH + 4 * kFull * H);
 }
 
-// AttendOneHeadAvx512 for a run-time count of 1..kMaxGroupsInRegisters query heads.
+// AttendOneHeadVector for a run-time count of 1..kMaxGroupsInRegisters query heads.
 template <typename Row, typename KeyAt, typename ValueAt>
-void AttendGroupsAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
+void AttendGroupsVector(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
                         int64_t visible, int64_t H, float* out_GxH, float* scores_GxS) {
   switch (groups) {
 #define JINFER_GROUPS_CASE(G)                                                              \
   case G:                                                                                  \
-    return AttendOneHeadAvx512<G, Row>(q_GxH, k_at, v_at, visible, H, out_GxH, scores_GxS);
+    return AttendOneHeadVector<G, Row>(q_GxH, k_at, v_at, visible, H, out_GxH, scores_GxS);
     JINFER_GROUPS_CASE(1) JINFER_GROUPS_CASE(2) JINFER_GROUPS_CASE(3) JINFER_GROUPS_CASE(4)
     JINFER_GROUPS_CASE(5) JINFER_GROUPS_CASE(6) JINFER_GROUPS_CASE(7) JINFER_GROUPS_CASE(8)
 #undef JINFER_GROUPS_CASE
@@ -1017,10 +1170,10 @@ void AttendGroupsAvx512(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t gr
 template <typename Row, typename KeyAt, typename ValueAt>
 void AttendOneHead(const float* q_GxH, KeyAt k_at, ValueAt v_at, int64_t groups,
                    int64_t visible, int64_t H, float* out_GxH, float* scores_GxS) {
-#ifdef JINFER_AVX512
-  if (H % 16 == 0) {  // query heads in blocks of up to kMaxGroupsInRegisters
+#ifdef JINFER_SIMD
+  if (H % kLanes == 0) {  // query heads in blocks of up to kMaxGroupsInRegisters
     for (int64_t g0 = 0; g0 < groups; g0 += kMaxGroupsInRegisters)
-      AttendGroupsAvx512<Row>(q_GxH + g0 * H, k_at, v_at,
+      AttendGroupsVector<Row>(q_GxH + g0 * H, k_at, v_at,
                               std::min(kMaxGroupsInRegisters, groups - g0), visible, H,
                               out_GxH + g0 * H, scores_GxS);
     return;
