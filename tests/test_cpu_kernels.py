@@ -86,8 +86,8 @@ def test_quantized_linear_matches_dequantized_weights(rows, mode, group_size):
   atol = 2e-4
   if mode == "int4":
     # With AVX-512 VNNI or AVX2 the kernel represents each block of 32 inputs as
-    # d * (q1 + q2 / 256), d = max|x| / 127 (two int8 levels for integer dot products): each input is off by at most
-    # d / 256, so an output by at most sum_k |w[n, k]| * d(k) / 256.
+    # d * (q1 + q2 / 256), d = max|x| / 127 (two int8 levels for integer dot products): each
+    # input is off by at most d / 256, so an output by at most sum_k |w[n, k]| * d(k) / 256.
     d_MxK = np.repeat(np.abs(np.asarray(x)).reshape(rows, -1, 32).max(-1) / 127, 32, axis=-1)
     atol += float(((d_MxK / 256) @ np.abs(np.asarray(w.dequantize())).T).max())
     assert atol < 0.02  # the bound stays far below a wrong kernel's errors (order 1)
@@ -287,7 +287,8 @@ def test_decode_rope_attention_matches_the_unfused_path(dtype):
 @pytest.mark.parametrize("kv_heads,groups,slots,head_dim,positions", [
     (2, 6, 40, 64, [0, 30, 17]), (2, 9, 40, 32, [0, 30, 17]), (2, 2, 40, 80, [0, 30, 17]),
     (2, 3, 40, 16, [0, 30, 17]), (2, 1, 40, 48, [0, 30, 17]), (2, 2, 40, 40, [0, 30, 17]),
-    (2, 2, 40, 36, [0, 30, 17]), (3, 2, 700, 64, [699, 450])])  # the last: enough cache for the threaded path
+    (2, 2, 40, 36, [0, 30, 17]),
+    (3, 2, 700, 64, [699, 450])])  # the last: enough cache for the threaded path
 def test_decode_attention_shapes_beyond_the_common_one(kv_heads, groups, slots, head_dim,
                                                        positions):
   """Query heads past the 8 held in registers (in blocks), 5-8 heads (values loaded per 4),

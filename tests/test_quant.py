@@ -67,7 +67,8 @@ def test_linear_equals_matmul_with_dequantized_weight(mode, group_size, dtype, t
   q = qw.quantize(_random_weight(), mode, group_size)
   if mode == "int4" and dtype == jnp.float32:
     # The CPU kernel with AVX-512 VNNI or AVX2 keeps about 15 bits of each activation (two int8
-    # levels per block of 32 inputs, for integer dot products): measured 1.5e-5 of the largest output.
+    # levels per block of 32 inputs, for integer dot products): measured 1.5e-5 of the largest
+    # output.
     tol = 1e-4
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 64)), dtype)
   y = qw.linear(x, q)

@@ -97,10 +97,10 @@ inline Floats HighNibbles(const uint8_t* p) {
   return _mm512_cvtepi32_ps(
       _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F))));
 }
-// x * 2^n for integral n (e^x's exponent step).
 inline Floats Round(Floats v) {
   return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+// x * 2^n for integral n (e^x's exponent step).
 inline Floats TimesPowerOfTwo(Floats x, Floats n) { return _mm512_scalef_ps(x, n); }
 // The even and odd elements of 2 * kLanes floats at p.
 inline void Deinterleave(const float* p, Floats* even, Floats* odd) {
@@ -116,7 +116,8 @@ using Bytes = __m512i;
 constexpr int kBytes = 64;
 inline Bytes ZeroBytes() { return _mm512_setzero_si512(); }
 inline Bytes LoadBytes(const void* p) { return _mm512_loadu_si512(p); }
-// The first `available` (> 0) of kBytes bytes at p, zeros after; reads no byte past them.
+// The first `available` of kBytes bytes at p (none if it is <= 0), zeros after; reads no
+// byte past them.
 inline Bytes LoadBytesUpTo(const uint8_t* p, int64_t available) {
   if (available >= kBytes) return LoadBytes(p);
   if (available <= 0) return ZeroBytes();
@@ -187,10 +188,13 @@ inline Floats HighNibbles(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
       _mm_and_si128(_mm_srli_epi16(Load8Bytes(p), 4), _mm_set1_epi8(0x0F))));
 }
-inline Floats Round(Floats v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Floats Round(Floats v) {
+  return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 // n integral in [-126, 127] (Exp's clamp): 2^n built from its exponent bits.
 inline Floats TimesPowerOfTwo(Floats x, Floats n) {
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256i bits = _mm256_slli_epi32(biased, 23);
   return _mm256_mul_ps(x, _mm256_castsi256_ps(bits));
 }
 inline void Deinterleave(const float* p, Floats* even, Floats* odd) {
@@ -202,7 +206,9 @@ inline void Deinterleave(const float* p, Floats* even, Floats* odd) {
 using Bytes = __m256i;
 constexpr int kBytes = 32;
 inline Bytes ZeroBytes() { return _mm256_setzero_si256(); }
-inline Bytes LoadBytes(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Bytes LoadBytes(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
 inline Bytes LoadBytesUpTo(const uint8_t* p, int64_t available) {
   if (available >= kBytes) return LoadBytes(p);
   if (available <= 0) return ZeroBytes();
@@ -785,7 +791,8 @@ inline void Int4DotFourRows(const float* xs, int64_t K, const uint8_t* const* ro
 // of 4 blocks, matching one 64-byte load of packed codes whose low nibbles are the even
 // inputs and high nibbles the odd ones): q1 of the even inputs (16 per block, block after
 // block), q1 of the odd inputs, then q2 likewise; 256 bytes per quad. lane_scales holds d / 256
-// for each block's 4 lanes of an int8 dot product's int32 result. K is padded to whole quads with zeros.
+// for each block's 4 lanes of an int8 dot product's int32 result. K is padded to whole quads
+// with zeros.
 struct TwoLevelX {
   int64_t quads;
   std::vector<int8_t> codes;        // [M, quads, 256]
