@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jaxlib
@@ -58,38 +59,51 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
-def library_path(compiler: str) -> Path:
-  """Where the kernels built by `compiler` for this source, jaxlib and CPU are cached."""
+def library_path(compiler: str, source: Optional[Path] = None) -> Path:
+  """Where the kernels built by `compiler` from `source` (default SOURCE) for this jaxlib and
+  CPU are cached."""
+  source = source or SOURCE
   # Imported here: the checkpoints package imports the model, which imports these kernels.
   from jinfer.checkpoints.registry import cache_dir  # pylint: disable=g-import-not-at-top
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256("\n".join(
-      [SOURCE.read_text(), jaxlib.__version__, version, _cpu_flags()]).encode()).hexdigest()[:16]
+      [source.read_text(), jaxlib.__version__, version, _cpu_flags()]).encode()).hexdigest()[:16]
   return cache_dir() / "cpu_kernels" / f"kernels-{key}.so"
 
 
-def _compile(compiler: str, output: Path) -> None:
+def _compile(compiler: str, source: Path, output: Path) -> None:
   output.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
     built = Path(tmp) / output.name
     command = [compiler, "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-std=c++17",
-               "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+               "-w", f"-I{jax.ffi.include_dir()}", str(source), "-o", str(built)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
       raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     os.replace(built, output)  # atomic: concurrent first uses never load a half-written file
 
 
-def compiled_library() -> Path:
-  """The library built for this machine, compiled now if no cached build exists."""
+def compiled_library(source: Optional[Path] = None) -> Path:
+  """The library built from `source` (default SOURCE; another: a variant of kernels.cc under
+  test, see scripts/kernel_ab.py) for this machine, compiled now if no cached build exists."""
+  source = source or SOURCE
   compiler = _compiler()
   if compiler is None:
     raise RuntimeError("no C++ compiler found; install g++ or set CXX")
-  path = library_path(compiler)
+  path = library_path(compiler, source)
   if not path.exists():
     log.info("compiling jinfer CPU kernels into %s", path)
-    _compile(compiler, path)
+    _compile(compiler, source, path)
   return path
+
+
+def register(library: Path, suffix: str = "") -> None:
+  """Registers the library's handlers as XLA:CPU FFI targets named TARGETS' keys + suffix (a
+  suffix lets two builds of the kernels run side by side in one process)."""
+  loaded = ctypes.cdll.LoadLibrary(str(library))
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(getattr(loaded, symbol)),
+                                platform="cpu")
 
 
 @functools.cache
@@ -100,10 +114,7 @@ def load() -> bool:
   if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
     return False  # the build flags and the AVX-512 paths are written for x86-64 Linux
   try:
-    library = ctypes.cdll.LoadLibrary(str(compiled_library()))
-    for target, symbol in TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                  platform="cpu")
+    register(compiled_library())
   except (OSError, RuntimeError, AttributeError, ValueError) as e:
     log.warning("jinfer CPU kernels disabled (%s); decode uses XLA's slower ops.", e)
     return False

@@ -844,13 +844,13 @@ TwoLevelX QuantizeTwoLevel(const float* x, int64_t M, int64_t K, int64_t group) 
   return out;
 }
 
-// R int4 weight rows times MT two-level x rows, integer dot products per quad (128 inputs):
-// per quad and weight row 64 bytes of codes (one or two Bytes loads) split into nibbles, per
-// (row, x row) the dot products of codes x q1 even/odd, shifted by 8 bits, plus codes x q2
-// even/odd, whose int32 lanes (4 per block) are converted once and scaled by the block's
-// weight scale times d / 256. block_scales[r]: row r's scale of each 32-input block,
-// zero-padded to whole quads. The offsets' term, sum_g offset[g] * sum of x over group g,
-// joins the same accumulators (offsets[r]: row r's, zero-padded to x.padded_groups).
+// R int4 weight rows times MT two-level x rows in integer dot products, kBytes of each row's
+// codes (a quad's 64 bytes in one or two steps) at a time, split into nibbles: per (row, x
+// row) the dot products of codes x q1 even/odd, shifted by 8 bits, plus codes x q2 even/odd,
+// whose int32 lanes (4 per block) are converted once and scaled by the block's weight scale
+// times d / 256. block_scales[r]: row r's scale of each 32-input block, zero-padded to whole
+// quads. The offsets' term, sum_g offset[g] * sum of x over group g, joins the same
+// accumulators (offsets[r]: row r's, zero-padded to x.padded_groups).
 template <int R, int MT>
 inline void Int4DotTwoLevel(const TwoLevelX& x, int64_t m0, const uint8_t* const* rows,
                             int64_t row_bytes, const float* const* block_scales,
@@ -859,28 +859,45 @@ inline void Int4DotTwoLevel(const TwoLevelX& x, int64_t m0, const uint8_t* const
   Floats acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < MT; ++i) acc[r][i] = Zero();
-  for (int64_t q = 0; q < quads; ++q) {
-    for (int c = 0; c < 64; c += kBytes) {  // the quad's codes, kBytes at a time
+  for (int64_t b = 0; b < row_bytes; b += kBytes) {  // each row's codes, kBytes at a time
+    const int64_t q = b / 64, c = b % 64;
+    const auto x_levels = [&](int64_t i, Bytes* levels) {  // q1 even, odd; q2 even, odd
+      const int8_t* xq = x.codes.data() + ((m0 + i) * quads + q) * 256 + c;
+      for (int l = 0; l < 4; ++l) levels[l] = LoadBytes(xq + 64 * l);
+      return Load(x.lane_scales.data() + ((m0 + i) * quads + q) * 16 + c / 4);
+    };
+    const auto row_codes = [&](int r, Bytes* lo, Bytes* hi) {
+      const uint8_t* p = rows[r] + b;
+      PrefetchAhead(p);
+      const Bytes codes = LoadBytesUpTo(p, row_bytes - b);
+      *lo = LowNibbleBytes(codes);
+      *hi = HighNibbleBytes(codes);
+      return SpreadBlockScales(block_scales[r] + b / 16);
+    };
+    // acc += the int32 lanes of codes . q1 * 256 + codes . q2, times their scales.
+    const auto accumulate = [](Bytes lo, Bytes hi, const Bytes* levels, Floats scale, Floats* acc) {
+      const Bytes high = ShiftLanesLeft8(DotTwo(ZeroBytes(), lo, levels[0], hi, levels[1]));
+      *acc = Fma(LanesToFloats(DotTwo(high, lo, levels[2], hi, levels[3])), scale, *acc);
+    };
+    if constexpr (MT == 1) {
+      // Each row's codes meet one x row: split where they are used (R rows' split codes held
+      // at once would overflow AVX2's 16 registers).
+      Bytes levels[4];
+      const Floats x_scale = x_levels(0, levels);
+      for (int r = 0; r < R; ++r) {
+        Bytes lo, hi;
+        const Floats w_scale = row_codes(r, &lo, &hi);
+        accumulate(lo, hi, levels, Mul(w_scale, x_scale), &acc[r][0]);
+      }
+    } else {  // each row's codes split once for MT x rows
       Bytes lo[R], hi[R];
       Floats w_scale[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = rows[r] + q * 64 + c;
-        PrefetchAhead(p);
-        const Bytes codes = LoadBytesUpTo(p, row_bytes - q * 64 - c);
-        lo[r] = LowNibbleBytes(codes);
-        hi[r] = HighNibbleBytes(codes);
-        w_scale[r] = SpreadBlockScales(block_scales[r] + 4 * q + c / 16);
-      }
+      for (int r = 0; r < R; ++r) w_scale[r] = row_codes(r, &lo[r], &hi[r]);
       for (int i = 0; i < MT; ++i) {
-        const int8_t* xq = x.codes.data() + ((m0 + i) * quads + q) * 256 + c;
-        const Bytes even1 = LoadBytes(xq), odd1 = LoadBytes(xq + 64);
-        const Bytes even2 = LoadBytes(xq + 128), odd2 = LoadBytes(xq + 192);
-        const Floats x_scale = Load(x.lane_scales.data() + ((m0 + i) * quads + q) * 16 + c / 4);
-        for (int r = 0; r < R; ++r) {
-          const Bytes high = ShiftLanesLeft8(DotTwo(ZeroBytes(), lo[r], even1, hi[r], odd1));
-          const Bytes sum = DotTwo(high, lo[r], even2, hi[r], odd2);
-          acc[r][i] = Fma(LanesToFloats(sum), Mul(w_scale[r], x_scale), acc[r][i]);
-        }
+        Bytes levels[4];
+        const Floats x_scale = x_levels(i, levels);
+        for (int r = 0; r < R; ++r)
+          accumulate(lo[r], hi[r], levels, Mul(w_scale[r], x_scale), &acc[r][i]);
       }
     }
   }
