@@ -8,8 +8,8 @@ both see the same machine load; the ratio B / A per round is what to read, with 
   python scripts/kernel_ab.py --b=/tmp/kernels_variant.cc                # B against main's
   python scripts/kernel_ab.py --a=old.cc --b=new.cc --formats=int4 --rows=1,8 --rounds=21
 
-The stack is SmolLM2-135M's decoder matmuls (30 layers of q/k/v, o, gate/up and down: 3.2 MB
-of int8 a layer) in one jitted program, plus its int8 LM head with --head.
+The stack is SmolLM2-135M's decoder matmuls (30 layers of q/k/v, o, gate/up and down: 3.5 M
+weights a layer) in one jitted program, plus its int8 LM head with --head.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def matmul(target: str, x_MxK: jax.Array, weights: tuple, n: int) -> jax.Array:
 
 
 def stack(fmt: str, head: bool, hot: bool, seed: int = 0) -> tuple[list, int]:
-  """[(target, weights, N)] for every matmul of the stack, and the bytes they read. hot: every
-  layer the same weights, which then stay in cache (the kernels' compute-bound speed)."""
+  """[(target, weights, N)] for every matmul of the stack, and the bytes a pass reads. hot: every
+  layer the same weights, which then stay in cache (the kernels' compute-bound speed; the GB/s
+  printed then count the bytes multiplied, not read from memory)."""
   key = jax.random.PRNGKey(seed)
   layers, nbytes = [], 0
   shapes = list(LAYER_SHAPES) * LAYERS + ([HEAD_SHAPE] if head else [])
@@ -87,7 +88,8 @@ def program(layers: list, suffix: str):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--a", type=Path, default=build.SOURCE, help="kernels.cc of build A (default: jinfer's)")
+  parser.add_argument("--a", type=Path, default=build.SOURCE,
+                      help="kernels.cc of build A (default: jinfer's)")
   parser.add_argument("--b", type=Path, required=True, help="kernels.cc of build B")
   parser.add_argument("--formats", default="float32,int8,int4")
   parser.add_argument("--rows", default="1,8", help="x rows (batch sizes), comma-separated")
